@@ -1,0 +1,1 @@
+"""exactflow: normalizing flows with exact, checkable likelihoods."""
