@@ -1,0 +1,128 @@
+"""Checkpoints: weights, buffers and the settings that made them, with no pickled objects."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exactflow import __version__
+from exactflow.data import Standardizer
+from exactflow.flow import Flow
+from exactflow.models import build
+
+FORMAT = "exactflow-checkpoint"
+FORMAT_VERSION = 1
+KEYS = frozenset(
+    {"format", "format_version", "versions", "model", "state", "standardizer", "info"}
+)
+
+
+class CheckpointError(ValueError):
+    """Raised when a file is not a checkpoint this version of exactflow can load."""
+
+
+def save(
+    path: str | Path,
+    flow: Flow,
+    model: dict[str, Any],
+    standardizer: Standardizer,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically: a crash mid-write leaves any older file at ``path`` intact.
+
+    Args:
+        path: where to write.
+        flow: the model whose weights and buffers are stored.
+        model: the builder settings, ``{"name": ..., "dim": ..., "options": {...}}``.
+        standardizer: the standardization fitted on the training data.
+        info: plain settings and results to keep beside the weights (recipe, seed, dataset).
+    """
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": {"exactflow": __version__, "torch": torch.__version__},
+        "model": model,
+        "state": {name: value.detach().cpu() for name, value in flow.state_dict().items()},
+        "standardizer": {
+            "mean": standardizer.mean.tolist(),
+            "std": standardizer.std.tolist(),
+        },
+        "info": info or {},
+    }
+
+    # Write beside the target, flush to disk, then rename over it in one step.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
+    """Load a checkpoint without unpickling any object; return the model in evaluation mode.
+
+    Returns:
+        The flow, its standardization, and the checkpoint's plain data (settings, versions).
+
+    Raises:
+        CheckpointError: when the file is missing, unreadable, holds anything but plain data,
+            has missing or unexpected keys, or comes from an incompatible format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise CheckpointError(
+            f"{str(path)!r} is not a loadable exactflow checkpoint ({first_line})"
+        ) from None
+
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an exactflow checkpoint")
+    missing, unexpected = KEYS - payload.keys(), payload.keys() - KEYS
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(path)!r} has missing keys {sorted(missing)} and unexpected keys "
+            f"{sorted(unexpected)}"
+        )
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has format version {payload['format_version']}; this exactflow "
+            f"reads version {FORMAT_VERSION}"
+        )
+
+    model = payload["model"]
+    flow = build(model["name"], model["dim"], **model.get("options", {}))
+    try:
+        result = flow.load_state_dict(payload["state"], strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{str(path)!r} does not match model {model['name']!r}: {str(error).splitlines()[-1]}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{str(path)!r} does not match model {model['name']!r}: missing weights "
+            f"{result.missing_keys}, unexpected weights {result.unexpected_keys}"
+        )
+    flow.eval()
+    standardizer = Standardizer(
+        mean=np.asarray(payload["standardizer"]["mean"], dtype=np.float64),
+        std=np.asarray(payload["standardizer"]["std"], dtype=np.float64),
+    )
+
+    return flow, standardizer, payload

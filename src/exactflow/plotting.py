@@ -1,0 +1,138 @@
+"""Figures: log-likelihood heatmaps, layer-by-layer transformations, samples against data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from exactflow.evaluation import Grid
+from exactflow.flow import Flow
+
+FLOOR = -12.0
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def heatmaps(
+    rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]],
+    grids: Sequence[Grid],
+    path: Path,
+    difference: bool = False,
+) -> None:
+    """Draw log-density heatmaps on one colour scale, one row per label, one column per panel.
+
+    Args:
+        rows: ``(row label, [(column title, log-density of shape (n, n)), ...])`` per row.
+        grids: the grid of each column.
+        path: the PNG file to write.
+        difference: if true, the last column of every row is a pointwise difference and gets a
+            diverging colour scale of its own.
+    """
+    columns = len(rows[0][1])
+    figure, axes = plt.subplots(
+        len(rows), columns, figsize=(3.2 * columns, 3.0 * len(rows)), squeeze=False
+    )
+    density_columns = columns - 1 if difference else columns
+
+    # One colour scale for every density panel, clipped far below the peak.
+    values = np.stack([panels[c][1] for _, panels in rows for c in range(density_columns)])
+    finite = values[np.isfinite(values)]
+    high = float(finite.max()) if finite.size else 0.0
+    for c in range(columns):
+        for r, (label, panels) in enumerate(rows):
+            title, log_p = panels[c]
+            ax = axes[r, c]
+            if c < density_columns:
+                image = ax.imshow(
+                    np.clip(log_p, FLOOR, None),
+                    origin="lower",
+                    extent=grids[c].extent,
+                    cmap="viridis",
+                    vmin=max(FLOOR, high - 14.0),
+                    vmax=high,
+                    aspect="auto",
+                )
+            else:
+                bound = max(1.0, float(np.nanpercentile(np.abs(log_p), 99)))
+                image = ax.imshow(
+                    log_p,
+                    origin="lower",
+                    extent=grids[c].extent,
+                    cmap="RdBu_r",
+                    vmin=-bound,
+                    vmax=bound,
+                    aspect="auto",
+                )
+            figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label)
+
+    _save(figure, path)
+
+
+@torch.no_grad()
+def transformation(flow: Flow, path: Path, title: str, n: int = 1000, seed: int = 0) -> None:
+    """Push base-Gaussian draws through the inverse map stage by stage, one panel per stage.
+
+    Each point keeps the colour of its angle in base space, so the panels show how the
+    Gaussian is stretched, bent and folded into the data.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, flow.dim, generator=generator)
+    was_training = flow.training
+    flow.eval()
+    try:
+        stages = [stage.numpy() for stage in flow.inverse_stages(z)]
+    finally:
+        flow.train(was_training)
+    colour = np.arctan2(z[:, 1].numpy(), z[:, 0].numpy())
+    names = ["base"] + [type(layer).__name__ for layer in reversed(flow.layers)]
+
+    columns = min(len(stages), 6)
+    rows = math.ceil(len(stages) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if index >= len(stages):
+            ax.axis("off")
+            continue
+        points = stages[index]
+        ax.scatter(points[:, 0], points[:, 1], c=colour, cmap="hsv", s=2, linewidths=0)
+        ax.set_title(f"{index}: {names[index]}", fontsize=7)
+    figure.suptitle(title)
+
+    _save(figure, path)
+
+
+def samples(panels: Sequence[tuple[str, np.ndarray]], columns: int, path: Path) -> None:
+    """Scatter each ``(title, points of shape (n, 2))`` panel, ``columns`` panels per row."""
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (title, points) in zip(axes.flat, panels, strict=False):
+        ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.5, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-3, 3)
+        ax.set_ylim(-3, 3)
+        ax.set_aspect("equal")
+
+    _save(figure, path)
