@@ -46,7 +46,7 @@ def save(
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "versions": {"exactflow": __version__, "torch": torch.__version__},
+        "versions": {"exactflow": __version__, "torch": str(torch.__version__)},
         "model": model,
         "state": {name: value.detach().cpu() for name, value in flow.state_dict().items()},
         "standardizer": {

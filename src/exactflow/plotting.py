@@ -67,7 +67,8 @@ def heatmaps(
                     aspect="auto",
                 )
             else:
-                bound = max(1.0, float(np.nanpercentile(np.abs(log_p), 99)))
+                # Symmetric scale from the bulk of the differences, at most 10 nats.
+                bound = float(np.clip(np.nanpercentile(np.abs(log_p), 95), 1.0, 10.0))
                 image = ax.imshow(
                     log_p,
                     origin="lower",

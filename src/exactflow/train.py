@@ -83,6 +83,34 @@ def evaluate_nll(flow: Flow, x: torch.Tensor, chunk: int = 65_536) -> torch.Tens
     return nll
 
 
+def flatten_parameters(flow: Flow) -> torch.nn.Parameter:
+    """Move the trainable parameters of ``flow`` into one flat buffer and return it.
+
+    Each parameter, and its gradient, becomes a view into one contiguous vector, so that the
+    optimizer step and gradient clipping are a handful of operations on one tensor instead of
+    a few per parameter. Backward passes accumulate into the flat gradient in place. Undo with
+    :func:`unflatten_parameters`.
+    """
+    parameters = [p for p in flow.parameters() if p.requires_grad]
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in parameters]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in parameters:
+        n = p.numel()
+        p.data = flat.data[offset : offset + n].view_as(p)
+        p.grad = flat.grad[offset : offset + n].view_as(p)
+        offset += n
+
+    return flat
+
+
+def unflatten_parameters(flow: Flow) -> None:
+    """Give every parameter of ``flow`` storage of its own again, and drop its gradient."""
+    for p in flow.parameters():
+        p.data = p.data.clone()
+        p.grad = None
+
+
 def _snapshot(flow: Flow) -> dict[str, torch.Tensor]:
     """Return a detached copy of the model's state."""
     return {name: value.detach().clone() for name, value in flow.state_dict().items()}
@@ -124,8 +152,8 @@ def fit(
     start = time.perf_counter()
     data = torch.as_tensor(x, dtype=torch.get_default_dtype())
     generator = torch.Generator().manual_seed(seed)
-    parameters = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=recipe.lr, foreach=True)
+    flat = flatten_parameters(flow)
+    optimizer = torch.optim.Adam([flat], lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=recipe.epochs, eta_min=recipe.lr_min
     )
@@ -138,9 +166,9 @@ def fit(
         total = torch.zeros(())
         for step, index in enumerate(batches(len(data), recipe.batch_size, generator), 1):
             loss = -flow.log_prob(data[index]).mean()
-            optimizer.zero_grad(set_to_none=True)
+            flat.grad.zero_()
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, recipe.clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(flat, recipe.clip)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise TrainingDiverged(
                     f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
@@ -160,6 +188,7 @@ def fit(
             progress.set_postfix(loss=f"{losses[-1]:.4f}", best=f"{best_nll:.4f}", refresh=False)
             progress.update()
 
+    unflatten_parameters(flow)
     flow.load_state_dict(best_state)
     flow.eval()
 
