@@ -5,7 +5,7 @@ import pytest
 from scipy.integrate import quad
 from sklearn.datasets import make_circles, make_moons
 
-from exactflow.truth import DATASETS, entropy, log_density, sample
+from exactflow.truth import DATASETS, entropy, log_density
 
 SIGMA = 0.06
 
@@ -150,17 +150,10 @@ def test_fresh_sample_nll_matches_entropy(name: str, stats: dict) -> None:
     assert abs(-log_p.mean() - value) < tolerance
 
 
-@pytest.mark.parametrize("name", DATASETS)
-def test_sample_wraps_the_generator(name: str) -> None:
-    np.testing.assert_array_equal(sample(name, 500, 3), draw(name, 500, 3))
-
-
 def test_unknown_name_lists_valid_names() -> None:
     zeros, ones = np.zeros(2), np.ones(2)
 
     with pytest.raises(ValueError, match="moons, circles"):
         log_density("spirals", np.zeros((1, 2)), zeros, ones)
-    with pytest.raises(ValueError, match="moons, circles"):
-        sample("spirals", 10, 0)
     with pytest.raises(ValueError, match="moons, circles"):
         entropy("spirals", zeros, ones, n=10)

@@ -4,10 +4,9 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.special import ive, roots_legendre
-from sklearn.datasets import make_circles, make_moons
 
-NOISE = 0.06
-CIRCLES_FACTOR = 0.4
+from exactflow.data import CIRCLES_FACTOR, NOISE, generate
+
 DATASETS = ("moons", "circles")
 
 _CHUNK_ELEMENTS = 1 << 17
@@ -157,39 +156,13 @@ def log_density(
     return np.logaddexp.reduce(per_arc, axis=0) - np.log(len(arcs)) + np.sum(np.log(std))
 
 
-def sample(name: str, n: int, seed: int) -> np.ndarray:
-    """Raw draws x ~ p_raw from the scikit-learn generator with noise σ = ``NOISE``.
-
-    Args:
-        name: Dataset, one of ``DATASETS``.
-        n: Number of points.
-        seed: ``random_state`` passed to scikit-learn.
-
-    Returns:
-        Unstandardized points, float64, shape (n, 2).
-
-    Raises:
-        ValueError: If ``name`` is unknown.
-    """
-    _check_name(name)
-
-    if name == "moons":
-        points, _ = make_moons(n_samples=n, noise=NOISE, random_state=seed)
-    else:
-        points, _ = make_circles(
-            n_samples=n, noise=NOISE, factor=CIRCLES_FACTOR, random_state=seed
-        )
-
-    return points.astype(np.float64)
-
-
 def entropy(
     name: str, mean: np.ndarray, std: np.ndarray, n: int = 200_000, seed: int = 0
 ) -> tuple[float, float]:
     """Monte Carlo entropy H = −E[log p_std(x)] of the standardized data, with its standard error.
 
-    Fresh draws from ``sample`` are standardized as (x − mean) / std and scored with
-    ``log_density``; the standard error is the sample standard deviation of log p over √n.
+    Fresh draws of :func:`exactflow.data.generate` are standardized as (x − mean) / std and
+    scored with ``log_density``; the standard error is the sample standard deviation of log p over √n.
 
     Args:
         name: Dataset, one of ``DATASETS``.
@@ -206,7 +179,8 @@ def entropy(
     """
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
-    points = (sample(name, n, seed) - mean) / std
+    _check_name(name)
+    points = (generate(name, n, seed) - mean) / std
 
     log_p = log_density(name, points, mean, std)
 
