@@ -162,7 +162,7 @@ def entropy(
     """Monte Carlo entropy H = −E[log p_std(x)] of the standardized data, with its standard error.
 
     Fresh draws of :func:`exactflow.data.generate` are standardized as (x − mean) / std and
-    scored with ``log_density``; the standard error is the sample standard deviation of log p over √n.
+    scored with ``log_density``; the standard error is the standard deviation of log p over √n.
 
     Args:
         name: Dataset, one of ``DATASETS``.
