@@ -18,9 +18,10 @@ from exactflow.models import build
 
 FORMAT = "exactflow-checkpoint"
 FORMAT_VERSION = 1
-KEYS = frozenset(
+REQUIRED = frozenset(
     {"format", "format_version", "versions", "model", "state", "standardizer", "info"}
 )
+OPTIONAL = frozenset({"training", "train_log_density"})
 
 
 class CheckpointError(ValueError):
@@ -33,6 +34,8 @@ def save(
     model: dict[str, Any],
     standardizer: Standardizer,
     info: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    train_log_density: torch.Tensor | None = None,
 ) -> None:
     """Write a checkpoint atomically: a crash mid-write leaves any older file at ``path`` intact.
 
@@ -42,6 +45,8 @@ def save(
         model: the builder settings, ``{"name": ..., "dim": ..., "options": {...}}``.
         standardizer: the standardization fitted on the training data.
         info: plain settings and results to keep beside the weights (recipe, seed, dataset).
+        training: the trainer's state, for a checkpoint that can resume its run.
+        train_log_density: the log-densities of the training rows, for outlier thresholds.
     """
     payload = {
         "format": FORMAT,
@@ -55,6 +60,10 @@ def save(
         },
         "info": info or {},
     }
+    if training is not None:
+        payload["training"] = training
+    if train_log_density is not None:
+        payload["train_log_density"] = train_log_density.detach().cpu()
 
     # Write beside the target, flush to disk, then rename over it in one step.
     path = Path(path)
@@ -94,7 +103,7 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an exactflow checkpoint")
-    missing, unexpected = KEYS - payload.keys(), payload.keys() - KEYS
+    missing, unexpected = REQUIRED - payload.keys(), payload.keys() - REQUIRED - OPTIONAL
     if missing or unexpected:
         raise CheckpointError(
             f"{str(path)!r} has missing keys {sorted(missing)} and unexpected keys "
@@ -107,7 +116,12 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
         )
 
     model = payload["model"]
-    flow = build(model["name"], model["dim"], **model.get("options", {}))
+    try:
+        flow = build(model["name"], model["dim"], **model.get("options", {}))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{str(path)!r} names a model that cannot be built ({error})"
+        ) from None
     try:
         result = flow.load_state_dict(payload["state"], strict=False)
     except RuntimeError as error:

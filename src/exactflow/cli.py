@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from exactflow import __version__
-from exactflow.checkpoint import CheckpointError
-from exactflow.train import Recipe, TrainingDiverged
+import numpy as np
+
+from exactflow import __version__, report
+from exactflow.data import DATASETS
+from exactflow.models import MODELS
+from exactflow.train import Recipe, TrainingDiverged, TrainingInterrupted
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 class UsageError(Exception):
@@ -34,6 +45,27 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
 
     return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+
+    return value
+
+
+def _columns(text: str) -> list[str]:
+    columns = [c.strip() for c in text.split(",")]
+    if not all(columns):
+        raise argparse.ArgumentTypeError(
+            f"expected names or numbers separated by commas, got {text!r}"
+        )
+
+    return columns
 
 
 def _int(text: str) -> int:
@@ -97,6 +129,116 @@ def _parser() -> _Parser:
         help="runs trained in parallel, one thread each (default: the number of CPU cores)",
     )
 
+    train = commands.add_parser(
+        "train",
+        help="train a model on a data file or a built-in dataset",
+        description=(
+            "Train a flow on the rows of a CSV, .npy or .npz file (or a built-in dataset) and "
+            "write model.pt, resume.pt, metrics.csv, settings.json and loss.png into --out. "
+            "Options may also come from --config FILE.toml (keys as the long options, with "
+            "underscores); flags given here win. Ctrl-C stops after the current epoch and "
+            "writes a resume.pt that --resume continues."
+        ),
+    )
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--data", help="a CSV (header optional), .npy or .npz file of rows")
+    source.add_argument("--dataset", help=f"a built-in dataset: {', '.join(DATASETS)}")
+    train.add_argument("--model", help=f"the model: {', '.join(MODELS)} (default: realnvp)")
+    train.add_argument("--out", help="the run folder (default: runs/train)")
+    train.add_argument("--columns", type=_columns, help="columns to use, by name or number: a,b")
+    train.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        default=None,
+        help="drop rows holding NaN or infinity instead of refusing the file",
+    )
+    train.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {recipe.epochs})")
+    train.add_argument(
+        "--batch-size",
+        type=_int,
+        help=f"rows per batch, at least 2 (default: {recipe.batch_size})",
+    )
+    train.add_argument(
+        "--lr", type=_float, help=f"Adam's initial learning rate (default: {recipe.lr:g})"
+    )
+    train.add_argument(
+        "--seed", type=_int, help="seeds the split, initialization and batch order (default: 0)"
+    )
+    train.add_argument(
+        "--val-fraction",
+        type=_float,
+        help="share of rows held out for validation, which picks the best epoch (default: 0.1)",
+    )
+    train.add_argument(
+        "--patience", type=_positive_int, help="stop after this many epochs without a new best"
+    )
+    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument("--config", type=Path, help="a TOML file of the same options")
+    train.add_argument("--resume", type=Path, help="continue the run of this resume.pt")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="NLL of a data file under a trained model",
+        description="Print the NLL (mean, median, standard error) of the rows of a data file, "
+        "in nats per row in the data's own units and in bits per dimension.",
+    )
+    evaluate.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    evaluate.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+    evaluate.add_argument("--columns", type=_columns, help="columns to use: a,b")
+    evaluate.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw samples from a trained model",
+        description="Draw samples in the data's own units and write them as CSV (or .npy).",
+    )
+    sample.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    sample.add_argument("-n", type=_positive_int, required=True, help="how many samples")
+    sample.add_argument("--out", type=Path, required=True, help="the .csv or .npy file to write")
+    sample.add_argument(
+        "--temperature",
+        type=_float,
+        default=1.0,
+        help="scale of the base Gaussian, at least 0 (default: %(default)s)",
+    )
+    sample.add_argument("--seed", type=_int, default=0, help="(default: %(default)s)")
+
+    score = commands.add_parser(
+        "score",
+        help="log-density and outlier flag of every row of a data file",
+        description="Write the log-density of every row (in the data's own units) and an "
+        "is_outlier column: 1 where the log-density is below the --quantile of the training "
+        "rows' log-densities.",
+    )
+    score.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    score.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+    score.add_argument("--out", type=Path, required=True, help="the CSV file to write")
+    score.add_argument(
+        "--quantile", type=_float, default=0.01, help="outlier threshold (default: %(default)s)"
+    )
+    score.add_argument("--columns", type=_columns, help="columns to use: a,b")
+    score.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
+
+    plot = commands.add_parser(
+        "plot",
+        help="figures of a trained model",
+        description="2-D models: heatmap, layer-by-layer transformation and samples beside the "
+        "data. Higher dimensions: pairwise plots of samples against data. Plus the loss curve.",
+    )
+    plot.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    plot.add_argument("--out", type=Path, help="folder for the figures (default: beside it)")
+    plot.add_argument("--data", help="data to draw beside the samples (default: training rows)")
+
+    report = commands.add_parser(
+        "report",
+        help="a self-contained HTML page of a run folder",
+        description="Write report.html into a run folder of train or reproduce, with its "
+        "table, figures (embedded) and settings.",
+    )
+    report.add_argument("folder", type=Path, help="the run folder")
+
     return parser
 
 
@@ -108,13 +250,194 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = reproduce(
         args.out, Recipe(epochs=args.epochs), seeds=seeds, first_seed=args.seed, jobs=args.jobs
     )
+    page = report.write(args.out)
     print((args.out / "results.md").read_text(), end="")
     print(
         f"\n{len(results['runs'])} runs in {time.perf_counter() - start:.0f} s; "
-        f"results, checkpoints and figures in {args.out}/"
+        f"results, checkpoints and figures in {args.out}/, report in {page}"
     )
 
     return 0
+
+
+TRAIN_OPTIONS = {
+    "data": str,
+    "dataset": str,
+    "model": str,
+    "out": str,
+    "columns": list,
+    "drop_invalid": bool,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "lr_min": float,
+    "clip": float,
+    "seed": int,
+    "val_fraction": float,
+    "patience": int,
+    "device": str,
+}
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "lr_min", "clip")
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """Read train options from a TOML file, checking names and types."""
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not a valid TOML file ({error})") from None
+
+    options = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in TRAIN_OPTIONS:
+            raise UsageError(
+                f"{path}: unknown option {key!r}; valid options: {', '.join(TRAIN_OPTIONS)}"
+            )
+        kind = TRAIN_OPTIONS[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is list and isinstance(value, list):
+            value = [str(v) for v in value]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise UsageError(f"{path}: option {key!r} must be a {kind.__name__}, got {value!r}")
+        options[name] = value
+
+    return options
+
+
+def _train(args: argparse.Namespace) -> int:
+    from exactflow import workflow
+
+    options = _config(args.config) if args.config is not None else {}
+    for name in TRAIN_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if args.data is not None or args.dataset is not None:
+        options.pop("dataset" if args.data is not None else "data", None)
+    if args.resume is not None and set(options) - {"out"}:
+        extra = ", ".join("--" + k.replace("_", "-") for k in sorted(set(options) - {"out"}))
+        raise UsageError(
+            f"exactflow train: --resume continues a run with its own settings; drop {extra}"
+        )
+
+    interrupted = []
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        print("\nexactflow: stopping after this epoch (Ctrl-C again to abort)", file=sys.stderr)
+
+    def requested() -> bool:
+        return bool(interrupted)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    progress = not args.no_progress
+    try:
+        if args.resume is not None:
+            summary = workflow.resume(args.resume, options.get("out"), progress, requested)
+        else:
+            defaults = Recipe()
+            recipe = Recipe(**{k: options.pop(k, getattr(defaults, k)) for k in RECIPE_OPTIONS})
+            options.setdefault("out", "runs/train")
+            settings = workflow.TrainSettings(recipe=recipe, **options)
+            summary = workflow.train(settings, progress, requested)
+    except TrainingInterrupted as error:
+        print(f"exactflow: training interrupted: {error}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    workflow.plot(Path(summary["out"]) / workflow.MODEL_FILE)
+    report.write(summary["out"])
+    stopped = " (early stop)" if summary["stopped_early"] else ""
+    dropped = (
+        f", {summary['rows_dropped']} invalid rows dropped" if summary["rows_dropped"] else ""
+    )
+    print(
+        f"trained {summary['model']} ({summary['parameters']:,} parameters) on "
+        f"{summary['rows']} rows × {summary['columns']} columns{dropped}: best epoch "
+        f"{summary['best_epoch']} of {summary['epochs_done']}{stopped}, NLL "
+        f"{summary['best_nll']:.4f} nats per row (standardized units); written to "
+        f"{summary['out']}/"
+    )
+
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from exactflow import workflow
+
+    result = workflow.evaluate(args.checkpoint, args.data, args.columns, args.drop_invalid)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+
+    dropped = f" ({result['rows_dropped']} invalid rows dropped)" if result["rows_dropped"] else ""
+    print(
+        f"{result['rows']} rows{dropped}: NLL {result['nll_mean']:.4f} ± {result['nll_se']:.4f} "
+        f"nats per row (median {result['nll_median']:.4f}), {result['bits_per_dim']:.4f} bits per "
+        "dimension, in the data's own units"
+    )
+
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from exactflow import workflow
+
+    rows = workflow.draw(args.checkpoint, args.n, args.temperature, args.seed)
+    header = [f"x{i + 1}" for i in range(rows.shape[1])]
+    workflow.write_rows(args.out, rows, header)
+    print(f"wrote {len(rows)} samples × {rows.shape[1]} columns to {args.out}")
+
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from exactflow import workflow
+
+    log_p, outlier, threshold = workflow.score(
+        args.checkpoint, args.data, args.quantile, args.columns, args.drop_invalid
+    )
+    table = np.column_stack([log_p, outlier.astype(np.float64)])
+    workflow.write_rows(args.out, table, ["log_density", "is_outlier"])
+    print(
+        f"scored {len(log_p)} rows: {int(outlier.sum())} below the {args.quantile:g} quantile "
+        f"of the training log-densities ({threshold:.4f}); written to {args.out}"
+    )
+
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from exactflow import workflow
+
+    paths = workflow.plot(args.checkpoint, args.out, args.data)
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    print(f"wrote {report.write(args.folder)}")
+
+    return 0
+
+
+COMMANDS = {
+    "reproduce": _reproduce,
+    "train": _train,
+    "evaluate": _evaluate,
+    "sample": _sample,
+    "score": _score,
+    "plot": _plot,
+    "report": _report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,11 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
 
-        return {"reproduce": _reproduce}[args.command](args)
+        return COMMANDS[args.command](args)
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2
-    except (ValueError, CheckpointError, OSError) as error:
+    except (ValueError, OSError) as error:
         print(f"exactflow: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -1,14 +1,24 @@
-"""Built-in datasets and the per-coordinate standardization fitted on training data."""
+"""Datasets: the built-in ones, the user's files, and the standardization fitted on them."""
 
 from __future__ import annotations
 
+import csv
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import make_circles, make_moons
 
 NOISE = 0.06
 CIRCLES_FACTOR = 0.4
+DATASETS = ("moons", "circles")
+SUFFIXES = (".csv", ".npy", ".npz")
+
+
+class DataError(ValueError):
+    """Raised when a data file or dataset name cannot give a usable table of numbers."""
 
 
 def generate(name: str, n: int, seed: int) -> np.ndarray:
@@ -22,12 +32,9 @@ def generate(name: str, n: int, seed: int) -> np.ndarray:
     elif name == "circles":
         x, _ = make_circles(n_samples=n, noise=NOISE, factor=CIRCLES_FACTOR, random_state=seed)
     else:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
     return x
-
-
-DATASETS = ("moons", "circles")
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,194 @@ def load_split(name: str, seed: int, n: int = 4000) -> Split:
     standardizer = Standardizer.fit(train)
 
     return Split(standardizer.transform(train), standardizer.transform(test), standardizer)
+
+
+def _rows_to_array(rows: list[list[str]], path: Path, header: bool) -> np.ndarray:
+    """Parse CSV rows of text into a float array, naming the first bad cell."""
+    widths = {len(row) for row in rows}
+    if len(widths) > 1:
+        first = next(i for i, row in enumerate(rows) if len(row) != len(rows[0]))
+        raise DataError(
+            f"{path}: ragged rows: row {first + 1 + header} has {len(rows[first])} columns, "
+            f"row {1 + header} has {len(rows[0])}"
+        )
+
+    values = np.empty((len(rows), len(rows[0])), dtype=np.float64)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}: row {i + 1 + header}, column {j + 1}: {cell.strip()[:40]!r} "
+                    "is not a number"
+                ) from None
+
+    return values
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """Read a CSV file with or without a header row; return the values and column names."""
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file (it is not valid UTF-8)") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+
+    # A first row with any cell that is not a number is a header.
+    def numeric(cell: str) -> bool:
+        try:
+            float(cell)
+        except ValueError:
+            return False
+        return True
+
+    header = not all(numeric(cell) for cell in rows[0])
+    names = [cell.strip() for cell in rows[0]] if header else None
+    body = rows[1:] if header else rows
+    if not body:
+        raise DataError(f"{path}: the file has a header row but no data rows")
+    if header and len(body[0]) != len(rows[0]):
+        raise DataError(
+            f"{path}: the header has {len(rows[0])} columns but row 2 has {len(body[0])}"
+        )
+
+    return _rows_to_array(body, path, header), names
+
+
+def _read_numpy(path: Path) -> np.ndarray:
+    """Read a ``.npy`` array, or the single array (or the one named ``x``) of an ``.npz``."""
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                if not keys:
+                    raise DataError(f"{path}: the archive holds no arrays")
+                key = "x" if "x" in keys else keys[0]
+                if len(keys) > 1 and key != "x":
+                    raise DataError(
+                        f"{path}: the archive holds several arrays ({', '.join(keys)}) and "
+                        "none is named 'x'"
+                    )
+                array = archive[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path}: not a readable {path.suffix} file ({message})") from None
+
+    if array.dtype.kind not in "iufb":
+        raise DataError(f"{path}: the array holds {array.dtype} values, not numbers")
+
+    return array.astype(np.float64)
+
+
+def _select(
+    values: np.ndarray, names: list[str] | None, columns: Sequence[str], path: Path
+) -> np.ndarray:
+    """Keep the chosen columns, given by header name or 1-based number."""
+    chosen = []
+    for column in columns:
+        if names is not None and column in names:
+            chosen.append(names.index(column))
+            continue
+        try:
+            number = int(column)
+        except ValueError:
+            valid = f"; its columns are {', '.join(names)}" if names else ""
+            raise DataError(f"{path}: no column named {column!r}{valid}") from None
+        if not 1 <= number <= values.shape[1]:
+            raise DataError(
+                f"{path}: column {number} is out of range; the file has {values.shape[1]} columns"
+            )
+        chosen.append(number - 1)
+
+    return values[:, chosen]
+
+
+def read_table(
+    path: str | Path,
+    columns: Sequence[str] | None = None,
+    drop_invalid: bool = False,
+    min_columns: int = 1,
+) -> tuple[np.ndarray, int]:
+    """Read a table of numbers of shape ``(n, d)`` from a CSV, ``.npy`` or ``.npz`` file.
+
+    Args:
+        path: the file. A CSV may have a header row (detected by non-numeric cells).
+        columns: keep only these columns, by header name or 1-based number.
+        drop_invalid: drop rows holding NaN or infinity instead of refusing the file.
+        min_columns: the fewest columns the caller accepts.
+
+    Returns:
+        The float64 table and the number of rows dropped as invalid.
+
+    Raises:
+        DataError: for a missing, empty, non-numeric or ragged file, a bad column choice, too
+            few columns, or rows with NaN or infinity when ``drop_invalid`` is false (the
+            message gives how many and the first row numbers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+    names = None
+    if path.suffix.lower() == ".csv":
+        values, names = _read_csv(path)
+    else:
+        values = _read_numpy(path)
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+        raise DataError(f"{path}: expected a non-empty 2-D table, got shape {values.shape}")
+    if columns:
+        values = _select(values, names, columns, path)
+    if values.shape[1] < min_columns:
+        raise DataError(
+            f"{path}: {values.shape[1]} column(s), but this model needs at least {min_columns}"
+        )
+
+    bad = ~np.isfinite(values).all(axis=1)
+    dropped = int(bad.sum())
+    if dropped and not drop_invalid:
+        first = ", ".join(str(i + 1) for i in np.flatnonzero(bad)[:5])
+        raise DataError(
+            f"{path}: {dropped} row(s) hold NaN or infinity (first data rows: {first}); "
+            "pass --drop-invalid to drop them"
+        )
+    values = values[~bad]
+    if len(values) == 0:
+        raise DataError(f"{path}: no rows left after dropping invalid ones")
+
+    return values, dropped
+
+
+def split_rows(
+    x: np.ndarray, val_fraction: float, seed: int, min_rows: int = 2
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Shuffle rows and split off a validation share; return ``(train, validation or None)``.
+
+    Raises:
+        DataError: when either part would have fewer than ``min_rows`` rows.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = round(val_fraction * len(x))
+    n_train = len(x) - n_val
+    if n_train < min_rows or (val_fraction > 0 and n_val < min_rows):
+        raise DataError(
+            f"{len(x)} rows are too few for a training set and a validation set of at least "
+            f"{min_rows} rows each with validation fraction {val_fraction}"
+        )
+    if n_val == 0:
+        return x[order], None
+
+    return x[order[:n_train]], x[order[n_train:]]

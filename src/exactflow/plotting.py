@@ -137,3 +137,44 @@ def samples(panels: Sequence[tuple[str, np.ndarray]], columns: int, path: Path) 
         ax.set_aspect("equal")
 
     _save(figure, path)
+
+
+def loss_curve(epochs: np.ndarray, curves: dict[str, np.ndarray], path: Path) -> None:
+    """Plot NLL curves (``{label: values per epoch}``) against the epoch number."""
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    for label, values in curves.items():
+        if np.isfinite(values).any():
+            ax.plot(epochs, values, label=label, linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("NLL (nats per point, standardized)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    _save(figure, path)
+
+
+def pairwise(samples: np.ndarray, data: np.ndarray | None, path: Path, limit: int = 6) -> None:
+    """Pairwise scatter plots of model samples against data for the first ``limit`` columns."""
+    d = min(samples.shape[1], limit)
+    figure, axes = plt.subplots(d, d, figsize=(2.0 * d, 2.0 * d), squeeze=False)
+    for i in range(d):
+        for j in range(d):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == j:
+                bins = 30
+                if data is not None:
+                    ax.hist(data[:, i], bins=bins, density=True, alpha=0.5, label="data")
+                ax.hist(samples[:, i], bins=bins, density=True, alpha=0.5, label="samples")
+            else:
+                if data is not None:
+                    ax.scatter(data[:, j], data[:, i], s=1, alpha=0.4, linewidths=0)
+                ax.scatter(samples[:, j], samples[:, i], s=1, alpha=0.4, linewidths=0)
+            if i == d - 1:
+                ax.set_xlabel(f"column {j + 1}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"column {i + 1}", fontsize=7)
+    figure.suptitle("data (blue) and model samples (orange)" if data is not None else "samples")
+
+    _save(figure, path)

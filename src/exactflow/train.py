@@ -1,11 +1,12 @@
-"""Maximum-likelihood training of a flow on a fixed recipe."""
+"""Maximum-likelihood training of a flow: the recipe, the loop, its state for resuming."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,10 @@ from exactflow.flow import Flow
 
 class TrainingDiverged(RuntimeError):
     """Raised when a loss or gradient becomes non-finite; names the epoch and step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised at an epoch boundary when a stop was requested (for example by Ctrl-C)."""
 
 
 @dataclass(frozen=True)
@@ -117,13 +122,205 @@ def _snapshot(flow: Flow) -> dict[str, torch.Tensor]:
 
 
 @dataclass
+class Epoch:
+    """What one epoch measured."""
+
+    epoch: int
+    loss: float
+    train_nll: float
+    val_nll: float
+    lr: float
+    seconds: float
+
+
+@dataclass
 class TrainResult:
-    """What a training run returns: the best epoch's NLL and the loss history."""
+    """What a training run returns: the best epoch and the per-epoch history."""
 
     best_epoch: int
-    best_train_nll: float
-    losses: list[float]
+    best_nll: float
+    history: list[Epoch]
     seconds: float
+    stopped_early: bool
+
+    @property
+    def losses(self) -> list[float]:
+        """The mean training loss of every epoch."""
+        return [e.loss for e in self.history]
+
+
+class Trainer:
+    """Train a flow by a recipe, one epoch at a time, with a state that can be saved and resumed.
+
+    Each epoch takes one pass over the training rows in a fresh random order, then scores the
+    model in evaluation mode on the training rows and, when given, the validation rows. The
+    best epoch is the one with the lowest validation NLL, or training NLL without validation;
+    its weights are kept. With ``patience``, training stops once that many epochs pass without
+    a new best.
+
+    Args:
+        flow: the model, trained in place.
+        x: training rows of shape ``(n, d)``, already standardized.
+        recipe: the training recipe.
+        seed: seeds the batch order.
+        validation: optional validation rows of shape ``(m, d)``, standardized like ``x``.
+        patience: optional early-stopping patience in epochs.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        x: np.ndarray | torch.Tensor,
+        recipe: Recipe,
+        seed: int,
+        validation: np.ndarray | torch.Tensor | None = None,
+        patience: int | None = None,
+    ) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be at least 1 epoch, got {patience}")
+
+        reference = next(flow.parameters())
+
+        def as_tensor(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(rows, dtype=reference.dtype, device=reference.device)
+
+        self.flow = flow
+        self.recipe = recipe
+        self.patience = patience
+        self.data = as_tensor(x)
+        self.validation = None if validation is None else as_tensor(validation)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.flat = flatten_parameters(flow)
+        self.optimizer = torch.optim.Adam([self.flat], lr=recipe.lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=recipe.epochs, eta_min=recipe.lr_min
+        )
+        self.epoch = 0
+        self.best_nll = math.inf
+        self.best_epoch = 0
+        self.best_state = _snapshot(flow)
+        self.history: list[Epoch] = []
+        self.seconds = 0.0
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has done all its epochs or stopped early."""
+        return self.epoch >= self.recipe.epochs or self.stopped_early
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``patience`` epochs have passed without a new best."""
+        return self.patience is not None and self.epoch - self.best_epoch >= self.patience
+
+    def run_epoch(self) -> Epoch:
+        """Train one epoch and score it.
+
+        Raises:
+            TrainingDiverged: when a loss or gradient norm is not finite.
+        """
+        start = time.perf_counter()
+        self.epoch += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+
+        # One pass over the data in a fresh order.
+        self.flow.train()
+        total = self.data.new_zeros(())
+        for step, index in enumerate(
+            batches(len(self.data), self.recipe.batch_size, self.generator), 1
+        ):
+            loss = -self.flow.log_prob(self.data[index]).mean()
+            self.flat.grad.zero_()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.flat, self.recipe.clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                what = "loss" if not torch.isfinite(loss) else "gradient"
+                raise TrainingDiverged(f"non-finite {what} at epoch {self.epoch}, step {step}")
+            self.optimizer.step()
+            total += loss.detach() * len(index)
+        self.scheduler.step()
+
+        # Score the epoch in evaluation mode; keep the best weights.
+        train_nll = evaluate_nll(self.flow, self.data).mean().item()
+        val_nll = math.nan
+        if self.validation is not None:
+            val_nll = evaluate_nll(self.flow, self.validation).mean().item()
+        score = train_nll if self.validation is None else val_nll
+        if score < self.best_nll:
+            self.best_nll, self.best_epoch = score, self.epoch
+            self.best_state = _snapshot(self.flow)
+
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        record = Epoch(self.epoch, total.item() / len(self.data), train_nll, val_nll, lr, seconds)
+        self.history.append(record)
+
+        return record
+
+    def run(
+        self, progress: tqdm | None = None, stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        """Train until the recipe's last epoch or early stopping; end on the best weights.
+
+        Args:
+            progress: an optional progress bar advanced once per epoch.
+            stop: an optional callable checked after every epoch; when it returns true the
+                run raises :class:`TrainingInterrupted`, with this trainer still resumable.
+
+        Raises:
+            TrainingDiverged: when a loss or gradient norm is not finite.
+            TrainingInterrupted: when ``stop`` asked for it.
+        """
+        while not self.finished:
+            record = self.run_epoch()
+            if progress is not None:
+                shown = {"loss": f"{record.loss:.4f}", "best": f"{self.best_nll:.4f}"}
+                if self.validation is not None:
+                    shown["val"] = f"{record.val_nll:.4f}"
+                shown["lr"] = f"{record.lr:.1e}"
+                progress.set_postfix(shown, refresh=False)
+                progress.update()
+            if stop is not None and stop() and not self.finished:
+                raise TrainingInterrupted(f"stopped after epoch {self.epoch}")
+
+        return TrainResult(
+            self.best_epoch, self.best_nll, self.history, self.seconds, self.stopped_early
+        )
+
+    def best_flow(self) -> Flow:
+        """Give the parameters their own storage again and load the best epoch's weights."""
+        unflatten_parameters(self.flow)
+        self.flow.load_state_dict(self.best_state)
+        self.flow.eval()
+
+        return self.flow
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything needed to resume this run exactly, as plain data and tensors."""
+        return {
+            "model": _snapshot(self.flow),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "best_nll": self.best_nll,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "history": [asdict(e) for e in self.history],
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by :meth:`state_dict`, so the run continues where it was."""
+        self.flow.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+        self.best_nll = state["best_nll"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.history = [Epoch(**e) for e in state["history"]]
+        self.seconds = state["seconds"]
 
 
 def fit(
@@ -135,61 +332,15 @@ def fit(
 ) -> TrainResult:
     """Train ``flow`` on the rows of ``x`` by ``recipe``; leave it with the best epoch's weights.
 
-    Args:
-        flow: the model, trained in place.
-        x: training data of shape ``(n, d)``, already standardized.
-        recipe: the training recipe.
-        seed: seeds the batch order.
-        progress: an optional progress bar advanced once per epoch.
-
-    Returns:
-        The best epoch (1-based), its training NLL in evaluation mode, the mean training loss of
-        every epoch, and the wall time.
+    The best epoch is the one with the lowest training NLL in evaluation mode.
 
     Raises:
         TrainingDiverged: when a loss or gradient norm is not finite.
     """
-    start = time.perf_counter()
-    data = torch.as_tensor(x, dtype=torch.get_default_dtype())
-    generator = torch.Generator().manual_seed(seed)
-    flat = flatten_parameters(flow)
-    optimizer = torch.optim.Adam([flat], lr=recipe.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=recipe.epochs, eta_min=recipe.lr_min
-    )
+    trainer = Trainer(flow, x, recipe, seed)
+    try:
+        result = trainer.run(progress)
+    finally:
+        trainer.best_flow()
 
-    best_nll, best_epoch, best_state = math.inf, 0, _snapshot(flow)
-    losses: list[float] = []
-    for epoch in range(1, recipe.epochs + 1):
-        # One pass over the data in a fresh order.
-        flow.train()
-        total = torch.zeros(())
-        for step, index in enumerate(batches(len(data), recipe.batch_size, generator), 1):
-            loss = -flow.log_prob(data[index]).mean()
-            flat.grad.zero_()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(flat, recipe.clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
-                    f"at epoch {epoch}, step {step}"
-                )
-            optimizer.step()
-            total += loss.detach() * len(index)
-        scheduler.step()
-        losses.append(total.item() / len(data))
-
-        # Score the epoch in evaluation mode; keep the best weights.
-        nll = evaluate_nll(flow, data).mean().item()
-        if nll < best_nll:
-            best_nll, best_epoch = nll, epoch
-            best_state = _snapshot(flow)
-        if progress is not None:
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", best=f"{best_nll:.4f}", refresh=False)
-            progress.update()
-
-    unflatten_parameters(flow)
-    flow.load_state_dict(best_state)
-    flow.eval()
-
-    return TrainResult(best_epoch, best_nll, losses, time.perf_counter() - start)
+    return result

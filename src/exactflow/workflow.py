@@ -1,0 +1,482 @@
+"""Flows on the user's own data: train, evaluate, sample, score; each also a command."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from exactflow import checkpoint, plotting
+from exactflow.checkpoint import CheckpointError
+from exactflow.data import DATASETS, DataError, Standardizer, generate, read_table, split_rows
+from exactflow.evaluation import Grid, grid_log_prob
+from exactflow.flow import Flow
+from exactflow.models import MODELS, build, count_parameters
+from exactflow.train import Recipe, Trainer, TrainingDiverged, TrainingInterrupted, evaluate_nll
+
+MODEL_FILE = "model.pt"
+RESUME_FILE = "resume.pt"
+METRICS_FILE = "metrics.csv"
+SETTINGS_FILE = "settings.json"
+BUILTIN_ROWS = 4000
+RESUME_EVERY = 25
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run on the user's data or a built-in dataset.
+
+    Exactly one of ``data`` (a CSV, ``.npy`` or ``.npz`` file) and ``dataset`` (a built-in
+    name) is given. ``val_fraction`` of the rows, drawn at random with ``seed``, is held out
+    for validation and picks the best epoch; ``patience`` stops training after that many
+    epochs without a new best.
+    """
+
+    out: str
+    model: str = "realnvp"
+    data: str | None = None
+    dataset: str | None = None
+    columns: list[str] | None = None
+    drop_invalid: bool = False
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+    val_fraction: float = 0.1
+    patience: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.dataset is None):
+            raise DataError("give exactly one of a data file (--data) or a built-in --dataset")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(MODELS)}")
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise DataError(
+                f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be at least 1, got {self.patience}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the settings as plain data."""
+        return {
+            "out": self.out,
+            "model": self.model,
+            "data": self.data,
+            "dataset": self.dataset,
+            "columns": self.columns,
+            "drop_invalid": self.drop_invalid,
+            "recipe": self.recipe.as_dict(),
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "patience": self.patience,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
+        """Rebuild settings written by :meth:`as_dict`."""
+        values = dict(values)
+        values["recipe"] = Recipe(**values["recipe"])
+
+        return cls(**values)
+
+
+def _device(name: str) -> torch.device:
+    """Return the torch device called ``name``, checking that it is usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available here")
+
+    return device
+
+
+def load_rows(settings: TrainSettings) -> tuple[np.ndarray, int]:
+    """Read the raw rows the settings name; return them and the number dropped as invalid."""
+    if settings.dataset is not None:
+        return generate(settings.dataset, BUILTIN_ROWS, settings.seed), 0
+
+    min_columns = 2 if settings.model == "realnvp" else 1
+    return read_table(settings.data, settings.columns, settings.drop_invalid, min_columns)
+
+
+def _fingerprint(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float64).tobytes()).hexdigest()
+
+
+def _write_metrics(path: Path, trainer: Trainer) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["epoch", "loss", "train_nll", "val_nll", "lr", "seconds"])
+        for e in trainer.history:
+            writer.writerow([e.epoch, e.loss, e.train_nll, e.val_nll, e.lr, e.seconds])
+
+
+@dataclass
+class _Run:
+    """The pieces of a training run that the saving functions need."""
+
+    settings: TrainSettings
+    trainer: Trainer
+    standardizer: Standardizer
+    train: torch.Tensor
+    fingerprint: str
+    dim: int
+    dropped: int
+
+
+def _model_info(run: _Run) -> dict[str, Any]:
+    return {"name": run.settings.model, "dim": run.dim, "options": {}}
+
+
+def _save_best(run: _Run, path: Path) -> None:
+    """Write the best epoch's weights, with the training log-densities for outlier scores."""
+    flow = build(run.settings.model, run.dim).to(run.train.device, run.train.dtype)
+    flow.load_state_dict(run.trainer.best_state)
+    flow.eval()
+    checkpoint.save(
+        path,
+        flow,
+        model=_model_info(run),
+        standardizer=run.standardizer,
+        info={
+            "settings": run.settings.as_dict(),
+            "best_epoch": run.trainer.best_epoch,
+            "best_nll": run.trainer.best_nll,
+            "epochs_done": run.trainer.epoch,
+            "rows_dropped": run.dropped,
+            "data_sha256": run.fingerprint,
+        },
+        train_log_density=-evaluate_nll(flow, run.train).double(),
+    )
+
+
+def _save_resumable(run: _Run, path: Path) -> None:
+    checkpoint.save(
+        path,
+        run.trainer.flow,
+        model=_model_info(run),
+        standardizer=run.standardizer,
+        info={"settings": run.settings.as_dict(), "data_sha256": run.fingerprint},
+        training=run.trainer.state_dict(),
+    )
+
+
+def _prepare(settings: TrainSettings) -> _Run:
+    """Load and split the data, fit the standardization, build the model and its trainer."""
+    device = _device(settings.device)
+    rows, dropped = load_rows(settings)
+    train_rows, val_rows = split_rows(rows, settings.val_fraction, settings.seed)
+    standardizer = Standardizer.fit(train_rows)
+    if (standardizer.std == 0).any():
+        constant = ", ".join(str(i + 1) for i in np.flatnonzero(standardizer.std == 0))
+        raise DataError(f"column(s) {constant} are constant in the training rows; drop them")
+
+    torch.manual_seed(settings.seed)
+    flow = build(settings.model, rows.shape[1]).to(device)
+    train = torch.as_tensor(standardizer.transform(train_rows), dtype=torch.float32, device=device)
+    validation = None
+    if val_rows is not None:
+        validation = torch.as_tensor(
+            standardizer.transform(val_rows), dtype=torch.float32, device=device
+        )
+    trainer = Trainer(flow, train, settings.recipe, settings.seed, validation, settings.patience)
+
+    return _Run(settings, trainer, standardizer, train, _fingerprint(rows), rows.shape[1], dropped)
+
+
+def train(settings: TrainSettings, progress: bool = True, stop: Any = None) -> dict[str, Any]:
+    """Train a model on the user's data (or a built-in dataset) and write its run folder.
+
+    The folder ``settings.out`` receives ``model.pt`` (the best epoch's weights), ``resume.pt``
+    (the full training state, rewritten every 25 epochs, on interruption and at the end),
+    ``metrics.csv`` (one row per epoch) and ``settings.json``.
+
+    Args:
+        settings: what to train on and how.
+        progress: show a progress bar.
+        stop: an optional callable checked after each epoch; when true, training stops with
+            :class:`~exactflow.train.TrainingInterrupted` after writing ``resume.pt``.
+
+    Returns:
+        A summary: best epoch, best NLL, epochs done, parameters, rows and output folder.
+
+    Raises:
+        DataError: for unusable data or settings.
+        TrainingDiverged: for a non-finite loss or gradient (``model.pt`` keeps the best so far).
+        TrainingInterrupted: when ``stop`` asked for it (``resume.pt`` continues the run).
+    """
+    return _execute(_prepare(settings), progress, stop)
+
+
+def resume(
+    path: str | Path, out: str | None = None, progress: bool = True, stop: Any = None
+) -> dict[str, Any]:
+    """Continue the run of a ``resume.pt`` with its own settings, into ``out`` or its folder.
+
+    The continued run ends exactly where an uninterrupted one ends (on the same machine).
+
+    Raises:
+        CheckpointError: when the file holds no training state.
+        DataError: when the run's data can no longer be read or changed since it started.
+    """
+    _, _, payload = checkpoint.load(path)
+    if "training" not in payload:
+        raise CheckpointError(f"{str(path)!r} holds no training state to resume from")
+
+    settings = TrainSettings.from_dict(payload["info"]["settings"])
+    settings.out = out if out is not None else str(Path(path).parent)
+    run = _prepare(settings)
+    if payload["info"]["data_sha256"] != run.fingerprint:
+        raise DataError(
+            f"the data of {settings.data or settings.dataset!r} changed since the run "
+            "started; a resumed run needs the same rows"
+        )
+    run.trainer.load_state_dict(payload["training"])
+
+    return _execute(run, progress, stop)
+
+
+def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
+    """Run the trainer to the end, writing checkpoints and metrics on the way and at the end."""
+    settings = run.settings
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings.as_dict(), indent=2) + "\n")
+
+    def after_epoch() -> bool:
+        if run.trainer.epoch % RESUME_EVERY == 0:
+            _save_resumable(run, out / RESUME_FILE)
+
+        return bool(stop()) if stop is not None else False
+
+    bar = tqdm(
+        total=settings.recipe.epochs,
+        initial=run.trainer.epoch,
+        desc=f"{settings.model} epochs",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        with bar:
+            result = run.trainer.run(bar, stop=after_epoch)
+    except TrainingInterrupted as error:
+        _save_resumable(run, out / RESUME_FILE)
+        _save_best(run, out / MODEL_FILE)
+        _write_metrics(out / METRICS_FILE, run.trainer)
+        raise TrainingInterrupted(
+            f"{error}; continue with: exactflow train --resume {out / RESUME_FILE}"
+        ) from None
+    except TrainingDiverged:
+        if run.trainer.best_epoch > 0:
+            _save_best(run, out / MODEL_FILE)
+        _write_metrics(out / METRICS_FILE, run.trainer)
+        raise
+
+    _save_resumable(run, out / RESUME_FILE)
+    _save_best(run, out / MODEL_FILE)
+    _write_metrics(out / METRICS_FILE, run.trainer)
+    flow = run.trainer.best_flow()
+    rows = len(run.train)
+    if run.trainer.validation is not None:
+        rows += len(run.trainer.validation)
+
+    return {
+        "model": settings.model,
+        "parameters": count_parameters(flow),
+        "rows": rows,
+        "rows_dropped": run.dropped,
+        "columns": run.dim,
+        "best_epoch": result.best_epoch,
+        "best_nll": result.best_nll,
+        "epochs_done": run.trainer.epoch,
+        "stopped_early": result.stopped_early,
+        "out": str(out),
+    }
+
+
+def _checked_rows(
+    path: str | Path, flow: Flow, columns: list[str] | None, drop: bool
+) -> tuple[np.ndarray, int]:
+    rows, dropped = read_table(path, columns, drop)
+    if rows.shape[1] != flow.dim:
+        raise DataError(
+            f"{path}: {rows.shape[1]} column(s), but the model was trained on {flow.dim}"
+        )
+
+    return rows, dropped
+
+
+def log_density(flow: Flow, standardizer: Standardizer, rows: np.ndarray) -> np.ndarray:
+    """Return the log-density of raw rows in the data's own units (standardization included)."""
+    x = torch.as_tensor(standardizer.transform(rows), dtype=next(flow.parameters()).dtype)
+
+    return -evaluate_nll(flow, x).double().numpy() + standardizer.log_det
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    columns: list[str] | None = None,
+    drop_invalid: bool = False,
+) -> dict[str, float]:
+    """Return the NLL of a data file under a trained model, in nats and bits per dimension.
+
+    The NLL is in the data's own units: the standardization's log-det is included.
+    """
+    flow, standardizer, _ = checkpoint.load(model)
+    rows, dropped = _checked_rows(data, flow, columns, drop_invalid)
+    nll = -log_density(flow, standardizer, rows)
+    se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
+
+    return {
+        "rows": len(nll),
+        "rows_dropped": dropped,
+        "nll_mean": float(nll.mean()),
+        "nll_median": float(np.median(nll)),
+        "nll_se": se,
+        "bits_per_dim": float(nll.mean() / (flow.dim * LN2)),
+    }
+
+
+def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Draw ``n`` samples in the data's own units from a base Gaussian of scale ``temperature``."""
+    if n < 1:
+        raise ValueError(f"the number of samples must be at least 1, got {n}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be non-negative, got {temperature}")
+
+    flow, standardizer, _ = checkpoint.load(model)
+    reference = next(flow.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    z = temperature * torch.randn(n, flow.dim, generator=generator, dtype=reference.dtype)
+    with torch.no_grad():
+        x, _ = flow.inverse(z)
+
+    return standardizer.inverse(x.double().numpy())
+
+
+def write_rows(path: str | Path, rows: np.ndarray, header: list[str]) -> None:
+    """Write rows to ``.npy`` or CSV (by the file's suffix), replacing the file in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".npy":
+        with temporary.open("wb") as file:
+            np.save(file, rows)
+    else:
+        with temporary.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            writer.writerows(rows.tolist())
+    temporary.replace(path)
+
+
+def score(
+    model: str | Path,
+    data: str | Path,
+    quantile: float = 0.01,
+    columns: list[str] | None = None,
+    drop_invalid: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Score every row: its log-density in the data's units and whether it is an outlier.
+
+    A row is an outlier when its log-density is below the ``quantile`` of the training rows'
+    log-densities.
+
+    Returns:
+        The log-densities, the outlier flags and the threshold.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+
+    flow, standardizer, payload = checkpoint.load(model)
+    if "train_log_density" not in payload:
+        raise CheckpointError(f"{str(model)!r} holds no training log-densities to set a threshold")
+    rows, _ = _checked_rows(data, flow, columns, drop_invalid)
+    log_p = log_density(flow, standardizer, rows)
+    reference = payload["train_log_density"].double().numpy() + standardizer.log_det
+    threshold = float(np.quantile(reference, quantile))
+
+    return log_p, log_p < threshold, threshold
+
+
+def _training_rows(payload: dict[str, Any]) -> np.ndarray | None:
+    """The raw rows a checkpoint was trained on, when they can still be read."""
+    settings = payload["info"].get("settings")
+    if settings is None:
+        return None
+    try:
+        rows, _ = load_rows(TrainSettings.from_dict(settings))
+    except (DataError, ValueError, TypeError, KeyError):
+        return None
+
+    return rows
+
+
+def plot(
+    model: str | Path, out: str | Path | None = None, data: str | Path | None = None
+) -> list[Path]:
+    """Draw a trained model's figures; return their paths.
+
+    2-D models get a log-density heatmap, the layer-by-layer transformation and samples beside
+    the data; higher dimensions get pairwise plots of samples against data. The data are
+    ``data`` when given, else the rows the model was trained on when they can be read. The loss
+    curve is drawn when the checkpoint's folder has ``metrics.csv``.
+    """
+    flow, standardizer, payload = checkpoint.load(model)
+    folder = Path(out) if out is not None else Path(model).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = (
+        _checked_rows(data, flow, None, True)[0] if data is not None else _training_rows(payload)
+    )
+    samples = draw(model, 2000)
+    paths = []
+
+    if flow.dim == 2:
+        scaled = standardizer.transform(rows) if rows is not None else flow.sample(2000).numpy()
+        grid = Grid.covering(scaled, 300)
+        log_p = grid_log_prob(flow, grid)
+        path = folder / "heatmap.png"
+        plotting.heatmaps([("model", [("log p (standardized units)", log_p)])], [grid], path)
+        paths.append(path)
+        path = folder / "transformation.png"
+        plotting.transformation(flow, path, "base → data, layer by layer")
+        paths.append(path)
+        panels = [("model samples", standardizer.transform(samples))]
+        if rows is not None:
+            panels.insert(0, ("data", scaled[:2000]))
+        path = folder / "samples.png"
+        plotting.samples(panels, len(panels), path)
+        paths.append(path)
+    else:
+        path = folder / "pairwise.png"
+        plotting.pairwise(samples, None if rows is None else rows[:2000], path)
+        paths.append(path)
+
+    metrics = Path(model).parent / METRICS_FILE
+    if metrics.is_file():
+        table = np.genfromtxt(metrics, delimiter=",", names=True)
+        table = np.atleast_1d(table)
+        path = folder / "loss.png"
+        plotting.loss_curve(
+            table["epoch"],
+            {"train (eval mode)": table["train_nll"], "validation": table["val_nll"]},
+            path,
+        )
+        paths.append(path)
+
+    return paths
