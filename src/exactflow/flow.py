@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -50,10 +51,26 @@ class Flow(nn.Module):
 
         return z, log_det
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Return the log-density of each row of ``x``; a single point ``(d,)`` gives a scalar."""
+    def cast(self, x: Tensor | np.ndarray) -> Tensor:
+        """Return ``x`` as a tensor of the model's dtype and device (float64 input included)."""
+        reference = next(iter(self.parameters()), None)
+        if reference is None:
+            reference = next(iter(self.buffers()))
+
+        return torch.as_tensor(x, dtype=reference.dtype, device=reference.device)
+
+    def log_prob(self, x: Tensor | np.ndarray) -> Tensor:
+        """Return the log-density of each row of ``x``; a single point ``(d,)`` gives a scalar.
+
+        Input of another dtype (such as float64 from numpy) is cast to the model's dtype.
+        """
+        x = self.cast(x)
         if x.dim() == 1:
             return self.log_prob(x.unsqueeze(0)).squeeze(0)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"expected points with {self.dim} coordinates, got shape {tuple(x.shape)}"
+            )
 
         z, log_det = self(x)
 
@@ -70,10 +87,9 @@ class Flow(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples of shape ``(n, d)`` by the inverse pass, without gradients."""
-        reference = next(iter(self.parameters()), None)
-        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
-        device = reference.device if reference is not None else None
-        z = torch.randn(n, self.dim, generator=generator, dtype=dtype, device=device)
+        reference = self.cast(torch.zeros(()))
+        z = torch.randn(n, self.dim, generator=generator, dtype=reference.dtype)
+        z = z.to(reference.device)
         with torch.no_grad():
             x, _ = self.inverse(z)
 

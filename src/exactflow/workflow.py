@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from exactflow import checkpoint, plotting
 from exactflow.checkpoint import CheckpointError
 from exactflow.data import DATASETS, DataError, Standardizer, generate, read_table, split_rows
+from exactflow.distribution import FlowDistribution
 from exactflow.evaluation import Grid, grid_log_prob
 from exactflow.flow import Flow
 from exactflow.models import MODELS, build, count_parameters
@@ -480,3 +481,10 @@ def plot(
         paths.append(path)
 
     return paths
+
+
+def load_distribution(model: str | Path) -> FlowDistribution:
+    """Load a trained model as a ``torch.distributions.Distribution`` in the data's own units."""
+    flow, standardizer, _ = checkpoint.load(model)
+
+    return FlowDistribution(flow, standardizer)
