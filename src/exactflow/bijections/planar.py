@@ -50,15 +50,15 @@ class PlanarFlow(Bijection):
     def u_hat(self) -> Tensor:
         r"""Return the constrained :math:`\hat u`, for which :math:`w^\top \hat u \ge -1`."""
         wu = self.w @ self.u
-        m = -1.0 + F.softplus(wu)
+        m = F.softplus(wu) - 1.0
 
-        return self.u + (m - wu) * self.w / (self.w @ self.w)
+        return self.u + ((m - wu) / (self.w @ self.w)) * self.w
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Apply the planar map to ``x`` of shape ``(n, d)``."""
         u_hat = self.u_hat()
-        h = torch.tanh(x @ self.w + self.b)
-        z = x + h.unsqueeze(-1) * u_hat
+        h = torch.tanh(torch.addmv(self.b, x, self.w))
+        z = torch.addr(x, h, u_hat)
 
         # 1 + u_hat^T psi >= 0 by construction; its log is the log-abs-det.
         log_det = torch.log1p((1.0 - h.square()) * (self.w @ u_hat))
