@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-
 from exactflow import __version__, report
 from exactflow.data import DATASETS
 from exactflow.models import MODELS
@@ -404,7 +402,7 @@ def _score(args: argparse.Namespace) -> int:
     log_p, outlier, threshold = workflow.score(
         args.checkpoint, args.data, args.quantile, args.columns, args.drop_invalid
     )
-    table = np.column_stack([log_p, outlier.astype(np.float64)])
+    table = [[float(value), int(flag)] for value, flag in zip(log_p, outlier, strict=True)]
     workflow.write_rows(args.out, table, ["log_density", "is_outlier"])
     print(
         f"scored {len(log_p)} rows: {int(outlier.sum())} below the {args.quantile:g} quantile "

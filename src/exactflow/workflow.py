@@ -370,19 +370,19 @@ def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> 
     return standardizer.inverse(x.double().numpy())
 
 
-def write_rows(path: str | Path, rows: np.ndarray, header: list[str]) -> None:
+def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: list[str]) -> None:
     """Write rows to ``.npy`` or CSV (by the file's suffix), replacing the file in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
         with temporary.open("wb") as file:
-            np.save(file, rows)
+            np.save(file, np.asarray(rows, dtype=np.float64))
     else:
         with temporary.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(header)
-            writer.writerows(rows.tolist())
+            writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
     temporary.replace(path)
 
 
