@@ -115,28 +115,45 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
             f"reads version {FORMAT_VERSION}"
         )
 
-    model = payload["model"]
     try:
+        flow, standardizer = _restore(payload)
+    except CheckpointError as error:
+        raise CheckpointError(f"{str(path)!r} {error}") from None
+
+    return flow, standardizer, payload
+
+
+def _restore(payload: dict[str, Any]) -> tuple[Flow, Standardizer]:
+    """Build the model a checkpoint names, load its weights, and read its standardization."""
+    try:
+        model = payload["model"]
         flow = build(model["name"], model["dim"], **model.get("options", {}))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{str(path)!r} names a model that cannot be built ({error})"
-        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"names a model that cannot be built ({error})") from None
     try:
         result = flow.load_state_dict(payload["state"], strict=False)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"{str(path)!r} does not match model {model['name']!r}: {str(error).splitlines()[-1]}"
+            f"does not match model {model['name']!r}: {str(error).splitlines()[-1]}"
         ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
-            f"{str(path)!r} does not match model {model['name']!r}: missing weights "
+            f"does not match model {model['name']!r}: missing weights "
             f"{result.missing_keys}, unexpected weights {result.unexpected_keys}"
         )
     flow.eval()
-    standardizer = Standardizer(
-        mean=np.asarray(payload["standardizer"]["mean"], dtype=np.float64),
-        std=np.asarray(payload["standardizer"]["std"], dtype=np.float64),
-    )
 
-    return flow, standardizer, payload
+    try:
+        mean = np.asarray(payload["standardizer"]["mean"], dtype=np.float64)
+        std = np.asarray(payload["standardizer"]["std"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"has no usable standardization ({error})") from None
+    if mean.shape != (flow.dim,) or std.shape != (flow.dim,):
+        raise CheckpointError(
+            f"has a standardization of shapes {mean.shape} and {std.shape} for a model of "
+            f"dimension {flow.dim}"
+        )
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise CheckpointError("has a standardization with non-finite or non-positive values")
+
+    return flow, Standardizer(mean=mean, std=std)

@@ -42,14 +42,14 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"learning rate must be in (0, 1], got {self.lr}")
         if not 0 <= self.lr_min <= self.lr:
             raise ValueError(f"lr_min must be in [0, lr], got {self.lr_min}")
         if self.batch_size < 2:
             raise ValueError(f"batch size must be at least 2, got {self.batch_size}")
-        if not self.clip > 0:
-            raise ValueError(f"clip norm must be positive, got {self.clip}")
+        if not 0 < self.clip < math.inf:
+            raise ValueError(f"clip norm must be positive and finite, got {self.clip}")
 
     def as_dict(self) -> dict[str, float]:
         """Return the recipe as a plain dictionary."""
@@ -59,13 +59,14 @@ class Recipe:
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Yield index batches of a random permutation of ``range(n)``.
 
-    A last batch smaller than half of ``batch_size`` is merged into the one before it, so no
-    batch is ever tiny (batch norm needs at least two points); with 4,000 points and batches of
-    256 the last batch holds 160 points and stays on its own, giving 16 steps per epoch.
+    A last batch smaller than half of ``batch_size`` (or than two rows) is merged into the one
+    before it, so no batch is ever tiny (batch norm needs at least two points); with 4,000
+    points and batches of 256 the last batch holds 160 points and stays on its own, giving 16
+    steps per epoch.
     """
     order = torch.randperm(n, generator=generator)
     starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] < batch_size / 2:
+    if len(starts) > 1 and n - starts[-1] < max(2, batch_size / 2):
         starts.pop()
     ends = [*starts[1:], n]
     for start, end in zip(starts, ends, strict=True):

@@ -29,6 +29,7 @@ METRICS_FILE = "metrics.csv"
 SETTINGS_FILE = "settings.json"
 BUILTIN_ROWS = 4000
 RESUME_EVERY = 25
+MAX_SAMPLES = 10_000_000
 LN2 = math.log(2.0)
 
 
@@ -98,7 +99,9 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available here")
 
@@ -355,8 +358,8 @@ def evaluate(
 
 def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     """Draw ``n`` samples in the data's own units from a base Gaussian of scale ``temperature``."""
-    if n < 1:
-        raise ValueError(f"the number of samples must be at least 1, got {n}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"the number of samples must be in [1, {MAX_SAMPLES:,}], got {n}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be non-negative, got {temperature}")
 
@@ -375,15 +378,19 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".npy":
-        with temporary.open("wb") as file:
-            np.save(file, np.asarray(rows, dtype=np.float64))
-    else:
-        with temporary.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(header)
-            writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
-    temporary.replace(path)
+    try:
+        if path.suffix == ".npy":
+            with temporary.open("wb") as file:
+                np.save(file, np.asarray(rows, dtype=np.float64))
+        else:
+            with temporary.open("w", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(header)
+                writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def score(
