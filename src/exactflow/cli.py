@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from exactflow import __version__, report
 from exactflow.data import DATASETS
 from exactflow.models import MODELS
-from exactflow.train import Recipe, TrainingDiverged, TrainingInterrupted
+from exactflow.train import RECIPES, Recipe, TrainingDiverged, TrainingInterrupted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -121,6 +122,19 @@ def _parser() -> _Parser:
         "--quick", action="store_true", help="one seed per run instead of three"
     )
     reproduce.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="reference",
+        help="reference: the recipe above; validated: the same, but 10%% of each training draw "
+        "is held out to pick the best epoch (default: %(default)s)",
+    )
+    reproduce.add_argument(
+        "--models",
+        type=_columns,
+        default=None,
+        help="only these reference models, a,b (default: realnvp,planar)",
+    )
+    reproduce.add_argument(
         "--jobs",
         type=_positive_int,
         default=None,
@@ -171,6 +185,12 @@ def _parser() -> _Parser:
         "--patience", type=_positive_int, help="stop after this many epochs without a new best"
     )
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument(
+        "--dequantize",
+        action="store_true",
+        default=None,
+        help="add uniform noise on [0, 1) to columns of whole numbers (counts, pixel values)",
+    )
     train.add_argument("--config", type=Path, help="a TOML file of the same options")
     train.add_argument("--resume", type=Path, help="continue the run of this resume.pt")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -237,16 +257,66 @@ def _parser() -> _Parser:
     )
     report.add_argument("folder", type=Path, help="the run folder")
 
+    zoo = commands.add_parser(
+        "zoo",
+        help="train every chosen model on every chosen dataset; one table and one figure",
+        description=(
+            "Train each chosen model on each chosen built-in dataset with the reference recipe "
+            "(or --epochs), then write zoo.json, zoo.md (held-out NLL per model and dataset "
+            "against the entropy floor where one exists) and zoo.png (true density or data, "
+            "then each model's learned density) into --out."
+        ),
+    )
+    zoo.add_argument(
+        "--models", type=_columns, help=f"models a,b,... (default: all: {', '.join(MODELS)})"
+    )
+    zoo.add_argument(
+        "--datasets",
+        type=_columns,
+        help=f"datasets a,b,... (default: all: {', '.join(DATASETS)})",
+    )
+    zoo.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=recipe.epochs,
+        help="epochs per run (default: %(default)s, the reference recipe)",
+    )
+    zoo.add_argument(
+        "--seeds", type=_positive_int, default=1, help="seeds per run (default: %(default)s)"
+    )
+    zoo.add_argument("--seed", type=_int, default=0, help="the first seed (default: %(default)s)")
+    zoo.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="runs trained in parallel, one thread each (default: the number of CPU cores)",
+    )
+    zoo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/zoo"),
+        help="output folder (default: %(default)s)",
+    )
+
     return parser
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from exactflow.experiments import MODELS as REFERENCE_MODELS
     from exactflow.experiments import reproduce
 
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     start = time.perf_counter()
+    models = args.models or list(REFERENCE_MODELS)
+    unknown = sorted(set(models) - set(REFERENCE_MODELS))
+    if unknown:
+        raise UsageError(
+            f"exactflow reproduce: unknown reference model(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(REFERENCE_MODELS)}"
+        )
+    recipe = dataclasses.replace(RECIPES[args.recipe], epochs=args.epochs)
     results = reproduce(
-        args.out, Recipe(epochs=args.epochs), seeds=seeds, first_seed=args.seed, jobs=args.jobs
+        args.out, recipe, seeds=seeds, first_seed=args.seed, jobs=args.jobs, models=models
     )
     page = report.write(args.out)
     print((args.out / "results.md").read_text(), end="")
@@ -274,6 +344,7 @@ TRAIN_OPTIONS = {
     "val_fraction": float,
     "patience": int,
     "device": str,
+    "dequantize": bool,
 }
 RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "lr_min", "clip")
 
@@ -427,6 +498,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from exactflow.zoo import TABLE_FILE, run_zoo
+
+    start = time.perf_counter()
+    results = run_zoo(
+        args.out,
+        args.models or list(MODELS),
+        args.datasets or list(DATASETS),
+        Recipe(epochs=args.epochs),
+        seeds=args.seeds,
+        jobs=args.jobs,
+        first_seed=args.seed,
+    )
+    print((args.out / TABLE_FILE).read_text(), end="")
+    print(
+        f"\n{len(results['runs'])} runs in {time.perf_counter() - start:.0f} s; "
+        f"zoo.json, zoo.md, zoo.png and checkpoints in {args.out}/"
+    )
+
+    return 0
+
+
 COMMANDS = {
     "reproduce": _reproduce,
     "train": _train,
@@ -435,6 +528,7 @@ COMMANDS = {
     "score": _score,
     "plot": _plot,
     "report": _report,
+    "zoo": _zoo,
 }
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import make_circles, make_moons
 
+from exactflow import toys
+
 NOISE = 0.06
 CIRCLES_FACTOR = 0.4
-DATASETS = ("moons", "circles")
+DATASETS = ("moons", "circles", *toys.TOYS)
 SUFFIXES = (".csv", ".npy", ".npz")
 
 
@@ -25,12 +27,15 @@ def generate(name: str, n: int, seed: int) -> np.ndarray:
     """Draw ``n`` raw points of shape ``(n, 2)`` from the built-in dataset ``name``.
 
     ``moons`` is scikit-learn's ``make_moons`` and ``circles`` its ``make_circles`` with radius
-    ratio 0.4, both with Gaussian noise of standard deviation 0.06.
+    ratio 0.4, both with Gaussian noise of standard deviation 0.06. The other names are the
+    toys of :mod:`exactflow.toys`.
     """
     if name == "moons":
         x, _ = make_moons(n_samples=n, noise=NOISE, random_state=seed)
     elif name == "circles":
         x, _ = make_circles(n_samples=n, noise=NOISE, factor=CIRCLES_FACTOR, random_state=seed)
+    elif name in toys.TOYS:
+        x = toys.sample(name, n, seed)
     else:
         raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
@@ -139,12 +144,14 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _read_numpy(path: Path) -> np.ndarray:
-    """Read a ``.npy`` array, or the single array (or the one named ``x``) of an ``.npz``."""
+    """Read a ``.npy`` array, or the single array (or the one named ``x``) of an ``.npz``.
+
+    The file's content decides how it is read, whatever its suffix says.
+    """
     try:
-        if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as archive:
                 keys = list(archive.keys())
                 if not keys:
                     raise DataError(f"{path}: the archive holds no arrays")
@@ -155,10 +162,16 @@ def _read_numpy(path: Path) -> np.ndarray:
                         "none is named 'x'"
                     )
                 array = archive[key]
+        else:
+            array = loaded
+    except MemoryError:
+        raise DataError(f"{path}: the array it declares is too large to load") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable {path.suffix} file ({message})") from None
 
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path}: the archive member {key!r} is not a numpy array")
     if array.dtype.kind not in "iufb":
         raise DataError(f"{path}: the array holds {array.dtype} values, not numbers")
 
@@ -270,3 +283,16 @@ def split_rows(
         return x[order], None
 
     return x[order[:n_train]], x[order[n_train:]]
+
+
+def dequantize(x: np.ndarray, seed: int) -> np.ndarray:
+    """Add uniform noise on ``[0, 1)`` to every column of ``x`` whose values are whole numbers.
+
+    A density fitted to the noisy values bounds the log-probability of the whole numbers from
+    below (Theis, van den Oord & Bethge, 2016). The noise is drawn with ``seed``, so the same
+    rows always get the same noise.
+    """
+    whole = np.all(x == np.round(x), axis=0)
+    noise = np.random.default_rng(seed).uniform(0.0, 1.0, size=x.shape)
+
+    return x + noise * whole

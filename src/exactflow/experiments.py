@@ -85,7 +85,9 @@ def train_run(run: Run, recipe: Recipe, out: Path) -> dict[str, Any]:
     train_nll = evaluate_nll(flow, torch.as_tensor(split.train, dtype=dtype)).double().numpy()
     test_nll = evaluate_nll(flow, torch.as_tensor(split.test, dtype=dtype)).double().numpy()
     mean, std = split.standardizer.mean, split.standardizer.std
-    entropy, entropy_se = truth.entropy(run.dataset, mean, std)
+    entropy, entropy_se = math.nan, math.nan
+    if run.dataset in truth.DATASETS:
+        entropy, entropy_se = truth.entropy(run.dataset, mean, std)
     scores = Scores.of(test_nll, floor=entropy)
     mass_grid = Grid.covering(split.train, MASS_GRID_POINTS, margin=MASS_GRID_MARGIN)
 
@@ -107,7 +109,7 @@ def train_run(run: Run, recipe: Recipe, out: Path) -> dict[str, Any]:
         "best_epoch": result.best_epoch,
         "epochs": recipe.epochs,
         "seconds": result.seconds,
-        "published_nll": PUBLISHED[(run.model, run.dataset)],
+        "published_nll": PUBLISHED.get((run.model, run.dataset), math.nan),
         "checkpoint": f"checkpoints/{run.name}.pt",
     }
     checkpoint.save(
@@ -248,6 +250,34 @@ def figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def train_runs(
+    runs: Sequence[Run], recipe: Recipe, out: Path, jobs: int | None = None
+) -> list[dict[str, Any]]:
+    """Train ``runs`` in parallel processes, one thread each; return their records in order.
+
+    ``jobs`` defaults to the number of runs or of CPU cores, whichever is smaller. Each run
+    writes its checkpoint under ``out``; a line is printed as each one finishes.
+    """
+    jobs = jobs or min(len(runs), os.cpu_count() or 1)
+    out.mkdir(parents=True, exist_ok=True)
+
+    context = multiprocessing.get_context("spawn")
+    slots, lock = context.Value("i", 0), context.Lock()
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(slots, lock)
+    ) as pool:
+        futures = [pool.submit(train_run, run, recipe, out) for run in runs]
+        for future in as_completed(futures):
+            r = future.result()
+            floor = f" (floor {r['entropy']:.4f})" if math.isfinite(r["entropy"]) else ""
+            tqdm.write(
+                f"done {r['model']:>7} {r['dataset']:<7} seed {r['seed']}: held-out NLL "
+                f"{r['test_nll']:.4f}{floor}, {r['seconds']:.0f} s"
+            )
+
+    return [future.result() for future in futures]
+
+
 def reproduce(
     out: Path,
     recipe: Recipe,
@@ -272,23 +302,8 @@ def reproduce(
         for model in models
         for dataset in datasets
     ]
-    jobs = jobs or min(len(runs), os.cpu_count() or 1)
-    out.mkdir(parents=True, exist_ok=True)
-
-    context = multiprocessing.get_context("spawn")
-    slots, lock = context.Value("i", 0), context.Lock()
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(slots, lock)
-    ) as pool:
-        futures = [pool.submit(train_run, run, recipe, out) for run in runs]
-        for future in as_completed(futures):
-            r = future.result()
-            tqdm.write(
-                f"done {r['model']:>7} {r['dataset']:<7} seed {r['seed']}: held-out NLL "
-                f"{r['test_nll']:.4f} (floor {r['entropy']:.4f}), {r['seconds']:.0f} s"
-            )
     records = sorted(
-        (future.result() for future in futures),
+        train_runs(runs, recipe, out, jobs),
         key=lambda r: (r["seed"], MODELS.index(r["model"]), DATASETS.index(r["dataset"])),
     )
 

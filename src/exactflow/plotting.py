@@ -178,3 +178,61 @@ def pairwise(samples: np.ndarray, data: np.ndarray | None, path: Path, limit: in
     figure.suptitle("data (blue) and model samples (orange)" if data is not None else "samples")
 
     _save(figure, path)
+
+
+def panel_table(
+    columns: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]],
+    grids: Sequence[Grid],
+    path: Path,
+) -> None:
+    """Draw a table of panels, one column per title in ``columns`` and one row per label.
+
+    Each panel is ``("log_p", values of shape (n, n))``, a log-density heatmap on its column's
+    grid, or ``("points", rows of shape (m, 2))``, a scatter over the same extent. The heatmaps
+    of a column share one colour scale, from 14 nats below the column's highest value up to it.
+
+    Args:
+        columns: the title of each column.
+        rows: ``(row label, [panel per column])`` per row.
+        grids: the grid of each column.
+        path: the PNG file to write.
+    """
+    figure, axes = plt.subplots(
+        len(rows), len(columns), figsize=(2.4 * len(columns), 2.3 * len(rows)), squeeze=False
+    )
+    for c, (title, grid) in enumerate(zip(columns, grids, strict=True)):
+        heat = [panels[c][1] for _, panels in rows if panels[c][0] == "log_p"]
+        finite = np.concatenate([v[np.isfinite(v)] for v in heat]) if heat else np.zeros(0)
+        high = float(finite.max()) if finite.size else 0.0
+        image = None
+        for r, (label, panels) in enumerate(rows):
+            kind, values = panels[c]
+            ax = axes[r, c]
+            if kind == "log_p":
+                image = ax.imshow(
+                    np.clip(values, FLOOR, None),
+                    origin="lower",
+                    extent=grid.extent,
+                    cmap="viridis",
+                    vmin=max(FLOOR, high - 14.0),
+                    vmax=high,
+                    aspect="auto",
+                )
+            else:
+                ax.scatter(values[:, 0], values[:, 1], s=1.0, alpha=0.5, linewidths=0)
+                ax.set_xlim(grid.low[0], grid.high[0])
+                ax.set_ylim(grid.low[1], grid.high[1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label)
+        if image is not None:
+            bar = figure.colorbar(
+                image, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.02, pad=0.01
+            )
+            bar.ax.tick_params(labelsize=7)
+
+    _save(figure, path)

@@ -1,13 +1,18 @@
-"""Exact log-density and entropy of the process that generates the built-in datasets."""
+"""Exact log-density and entropy of the process that generates the built-in datasets.
+
+``moons`` and ``circles`` are computed here; the toys with an exact density come from
+:mod:`exactflow.toys`. ``pinwheel``, ``2spirals`` and ``swissroll`` have none implemented.
+"""
 
 from typing import NamedTuple
 
 import numpy as np
 from scipy.special import ive, roots_legendre
 
+from exactflow import toys
 from exactflow.data import CIRCLES_FACTOR, NOISE, generate
 
-DATASETS = ("moons", "circles")
+DATASETS = ("moons", "circles", *toys.EXACT)
 
 _CHUNK_ELEMENTS = 1 << 17
 
@@ -40,6 +45,11 @@ _ARCS = {
 
 def _check_name(name: str) -> None:
     """Raise ``ValueError`` naming the valid datasets unless ``name`` is one of them."""
+    if name in toys.TOYS and name not in DATASETS:
+        raise ValueError(
+            f"no exact density is implemented for dataset {name!r}; valid names: "
+            f"{', '.join(DATASETS)}"
+        )
     if name not in DATASETS:
         raise ValueError(
             f"no true density for dataset {name!r}; valid names: {', '.join(DATASETS)}"
@@ -115,7 +125,9 @@ def log_density(
     circles use the closed form (1/(2πσ²)) exp(−(ρ² + r²)/(2σ²)) I₀(rρ/σ²); the half circles of
     ``moons`` use a Gauss–Legendre rule in θ, summed with log-sum-exp. With the default node
     count the quadrature error in log-density is about 1e-11 for |x_d| ≤ 4, below 1e-8 for
-    |x_d| ≤ 6 and below 1e-5 for |x_d| ≤ 10.
+    |x_d| ≤ 6 and below 1e-5 for |x_d| ≤ 10. The toys in ``DATASETS`` use
+    :func:`exactflow.toys.log_density` for the raw density (−inf outside ``checkerboard``'s
+    support).
 
     Args:
         name: Dataset, one of ``DATASETS``.
@@ -145,6 +157,8 @@ def log_density(
         raise ValueError(f"nodes must be at least 1, got {nodes}")
 
     raw = mean + std * x
+    if name in toys.EXACT:
+        return toys.log_density(name, raw) + np.sum(np.log(std))
     arcs = _ARCS[name]
     per_arc = [
         _log_ring(raw - arc.center, arc.radius)

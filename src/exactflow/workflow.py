@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 
 from exactflow import checkpoint, plotting
 from exactflow.checkpoint import CheckpointError
-from exactflow.data import DATASETS, DataError, Standardizer, generate, read_table, split_rows
+from exactflow.data import (
+    DATASETS,
+    DataError,
+    Standardizer,
+    dequantize,
+    generate,
+    read_table,
+    split_rows,
+)
 from exactflow.distribution import FlowDistribution
 from exactflow.evaluation import Grid, grid_log_prob
 from exactflow.flow import Flow
@@ -30,6 +38,7 @@ SETTINGS_FILE = "settings.json"
 BUILTIN_ROWS = 4000
 RESUME_EVERY = 25
 MAX_SAMPLES = 10_000_000
+ONE_DIMENSIONAL = {"planar": 1, "radial": 1}
 LN2 = math.log(2.0)
 
 
@@ -40,7 +49,10 @@ class TrainSettings:
     Exactly one of ``data`` (a CSV, ``.npy`` or ``.npz`` file) and ``dataset`` (a built-in
     name) is given. ``val_fraction`` of the rows, drawn at random with ``seed``, is held out
     for validation and picks the best epoch; ``patience`` stops training after that many
-    epochs without a new best.
+    epochs without a new best. ``dequantize`` adds uniform noise on ``[0, 1)`` to every column
+    whose values are all whole numbers, so that a density can be fitted to counts; the model's
+    log-density of the noisy values is then a lower bound on the log-probability of the whole
+    numbers (Theis, van den Oord & Bethge, 2016).
     """
 
     out: str
@@ -54,6 +66,7 @@ class TrainSettings:
     val_fraction: float = 0.1
     patience: int | None = None
     device: str = "cpu"
+    dequantize: bool = False
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.dataset is None):
@@ -83,6 +96,7 @@ class TrainSettings:
             "val_fraction": self.val_fraction,
             "patience": self.patience,
             "device": self.device,
+            "dequantize": self.dequantize,
         }
 
     @classmethod
@@ -113,8 +127,12 @@ def load_rows(settings: TrainSettings) -> tuple[np.ndarray, int]:
     if settings.dataset is not None:
         return generate(settings.dataset, BUILTIN_ROWS, settings.seed), 0
 
-    min_columns = 2 if settings.model == "realnvp" else 1
-    return read_table(settings.data, settings.columns, settings.drop_invalid, min_columns)
+    min_columns = ONE_DIMENSIONAL.get(settings.model, 2)
+    rows, dropped = read_table(settings.data, settings.columns, settings.drop_invalid, min_columns)
+    if settings.dequantize:
+        rows = dequantize(rows, settings.seed)
+
+    return rows, dropped
 
 
 def _fingerprint(rows: np.ndarray) -> str:
@@ -313,13 +331,20 @@ def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
 
 
 def _checked_rows(
-    path: str | Path, flow: Flow, columns: list[str] | None, drop: bool
+    path: str | Path,
+    flow: Flow,
+    payload: dict[str, Any],
+    columns: list[str] | None,
+    drop: bool,
 ) -> tuple[np.ndarray, int]:
+    """Read rows to score with a model: the same column count, dequantized as in training."""
     rows, dropped = read_table(path, columns, drop)
     if rows.shape[1] != flow.dim:
         raise DataError(
             f"{path}: {rows.shape[1]} column(s), but the model was trained on {flow.dim}"
         )
+    if payload["info"].get("settings", {}).get("dequantize"):
+        rows = dequantize(rows, seed=0)
 
     return rows, dropped
 
@@ -341,8 +366,8 @@ def evaluate(
 
     The NLL is in the data's own units: the standardization's log-det is included.
     """
-    flow, standardizer, _ = checkpoint.load(model)
-    rows, dropped = _checked_rows(data, flow, columns, drop_invalid)
+    flow, standardizer, payload = checkpoint.load(model)
+    rows, dropped = _checked_rows(data, flow, payload, columns, drop_invalid)
     nll = -log_density(flow, standardizer, rows)
     se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
 
@@ -414,7 +439,7 @@ def score(
     flow, standardizer, payload = checkpoint.load(model)
     if "train_log_density" not in payload:
         raise CheckpointError(f"{str(model)!r} holds no training log-densities to set a threshold")
-    rows, _ = _checked_rows(data, flow, columns, drop_invalid)
+    rows, _ = _checked_rows(data, flow, payload, columns, drop_invalid)
     log_p = log_density(flow, standardizer, rows)
     reference = payload["train_log_density"].double().numpy() + standardizer.log_det
     threshold = float(np.quantile(reference, quantile))
@@ -449,7 +474,9 @@ def plot(
     folder = Path(out) if out is not None else Path(model).parent
     folder.mkdir(parents=True, exist_ok=True)
     rows = (
-        _checked_rows(data, flow, None, True)[0] if data is not None else _training_rows(payload)
+        _checked_rows(data, flow, payload, None, True)[0]
+        if data is not None
+        else _training_rows(payload)
     )
     samples = draw(model, 2000)
     paths = []
