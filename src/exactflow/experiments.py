@@ -123,19 +123,32 @@ def train_run(run: Run, recipe: Recipe, out: Path) -> dict[str, Any]:
     return record
 
 
-def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return, per model and dataset, the mean and standard deviation over seeds."""
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation over seeds; the deviation is nan if a value is not finite."""
+    if not all(math.isfinite(v) for v in values):
+        return statistics.fmean(values), math.nan
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(
+    records: Sequence[dict[str, Any]],
+    models: Sequence[str] = MODELS,
+    datasets: Sequence[str] = DATASETS,
+) -> list[dict[str, Any]]:
+    """Return, per model and dataset, the mean and standard deviation over seeds.
+
+    Gap and entropy are ``nan`` for a dataset without an exact density.
+    """
     summary = []
-    for model in MODELS:
-        for dataset in DATASETS:
+    for model in models:
+        for dataset in datasets:
             group = [r for r in records if r["model"] == model and r["dataset"] == dataset]
             if not group:
                 continue
             row: dict[str, Any] = {"model": model, "dataset": dataset, "seeds": len(group)}
             for key in ("train_nll", "test_nll", "gap", "entropy", "test_nll_median"):
-                values = [r[key] for r in group]
-                row[f"{key}_mean"] = statistics.fmean(values)
-                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in group])
             row["outlier_share_max"] = max(r["outlier_share"] for r in group)
             row["gaussian_nll_mean"] = statistics.fmean(r["gaussian_nll"] for r in group)
             row["grid_mass_min"] = min(r["grid_mass"] for r in group)

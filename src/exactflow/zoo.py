@@ -14,7 +14,7 @@ import numpy as np
 from exactflow import checkpoint, plotting, truth
 from exactflow.data import DATASETS, load_split
 from exactflow.evaluation import Grid, grid_log_prob
-from exactflow.experiments import MASS_TOLERANCE, Run, _plain, train_runs
+from exactflow.experiments import MASS_TOLERANCE, Run, _plain, summarise, train_runs
 from exactflow.models import MODELS
 from exactflow.train import Recipe
 
@@ -36,40 +36,6 @@ def _check(kind: str, names: Sequence[str], valid: Sequence[str]) -> list[str]:
         raise ValueError(f"choose at least one {kind}; valid {kind}s: {', '.join(valid)}")
 
     return list(dict.fromkeys(names))
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard deviation over seeds; the deviation is nan if a value is not finite."""
-    if not all(math.isfinite(v) for v in values):
-        return statistics.fmean(values), math.nan
-
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarise(
-    records: Sequence[dict[str, Any]], models: Sequence[str], datasets: Sequence[str]
-) -> list[dict[str, Any]]:
-    """Return, per model and dataset, means and standard deviations over the seeds.
-
-    Gap and entropy are ``nan`` for a dataset without an exact density.
-    """
-    summary = []
-    for model in models:
-        for dataset in datasets:
-            group = [r for r in records if r["model"] == model and r["dataset"] == dataset]
-            if not group:
-                continue
-            row: dict[str, Any] = {"model": model, "dataset": dataset, "seeds": len(group)}
-            for key in ("train_nll", "test_nll", "gap", "entropy"):
-                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in group])
-            row["grid_mass_min"] = min(r["grid_mass"] for r in group)
-            row["grid_mass_max"] = max(r["grid_mass"] for r in group)
-            row["params"] = group[0]["params"]
-            row["best_epoch_mean"] = statistics.fmean(r["best_epoch"] for r in group)
-            row["seconds_mean"] = statistics.fmean(r["seconds"] for r in group)
-            summary.append(row)
-
-    return summary
 
 
 def _value(mean: float, std: float, seeds: int, sign: str = "") -> str:

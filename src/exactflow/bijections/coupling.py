@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exactflow.bijections.base import Bijection
+from exactflow.bijections.base import Bijection, coupling_mask
 from exactflow.nets import CouplingNet
 
 
@@ -26,17 +26,10 @@ class AffineCouplingLayer(Bijection):
 
     def __init__(self, dim: int, parity: int, hidden: int = 64) -> None:
         super().__init__()
-        if dim < 2:
-            raise ValueError(
-                f"AffineCouplingLayer needs dim >= 2 (a coupling must keep at least one "
-                f"coordinate fixed and transform another), got {dim}"
-            )
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        mask = coupling_mask(dim, parity, type(self).__name__)
 
         self.dim = dim
         self.parity = parity
-        mask = ((torch.arange(dim) + parity) % 2 == 0).to(torch.get_default_dtype())
         self.register_buffer("mask", mask)
         self.nets = CouplingNet(dim, hidden)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactflow.bijections.base import Bijection
+from exactflow.bijections.base import Bijection, coupling_mask
 from exactflow.nets import mlp
 
 
@@ -76,13 +76,7 @@ class RationalQuadraticCoupling(Bijection):
         min_derivative: float = 1e-3,
     ) -> None:
         super().__init__()
-        if dim < 2:
-            raise ValueError(
-                f"RationalQuadraticCoupling needs dim >= 2 (a coupling must keep at least one "
-                f"coordinate fixed and transform another), got {dim}"
-            )
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        mask = coupling_mask(dim, parity, type(self).__name__)
         if bins < 1 or bound <= 0:
             raise ValueError(f"need bins >= 1 and bound > 0, got bins={bins}, bound={bound}")
         if min_width * bins >= 1 or min_height * bins >= 1 or not 0 < min_derivative < 1:
@@ -98,7 +92,6 @@ class RationalQuadraticCoupling(Bijection):
         self.min_width = min_width
         self.min_height = min_height
         self.min_derivative = min_derivative
-        mask = ((torch.arange(dim) + parity) % 2 == 0).to(torch.get_default_dtype())
         self.register_buffer("mask", mask)
         self.register_buffer("transformed", torch.nonzero(mask == 0).squeeze(-1), persistent=False)
         self.net = mlp(dim, hidden, len(self.transformed) * (3 * bins - 1))
