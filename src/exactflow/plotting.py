@@ -168,9 +168,10 @@ def pairwise(samples: np.ndarray, data: np.ndarray | None, path: Path, limit: in
                     ax.hist(data[:, i], bins=bins, density=True, alpha=0.5, label="data")
                 ax.hist(samples[:, i], bins=bins, density=True, alpha=0.5, label="samples")
             else:
+                # Samples first, data on top, so that a small data set stays visible.
+                ax.scatter(samples[:, j], samples[:, i], s=1, alpha=0.3, linewidths=0, c="C1")
                 if data is not None:
-                    ax.scatter(data[:, j], data[:, i], s=1, alpha=0.4, linewidths=0)
-                ax.scatter(samples[:, j], samples[:, i], s=1, alpha=0.4, linewidths=0)
+                    ax.scatter(data[:, j], data[:, i], s=3, alpha=0.8, linewidths=0, c="C0")
             if i == d - 1:
                 ax.set_xlabel(f"column {j + 1}", fontsize=7)
             if j == 0:
