@@ -289,7 +289,8 @@ def test_sample_is_in_the_data_units(
     header, samples = _read_csv(path)
     rows = trained["rows"]
 
-    assert header == ["x1", "x2"] and samples.shape == (2000, 2), "expected 2000 rows × 2"
+    assert header == ["east", "north"], "samples carry the training column names"
+    assert samples.shape == (2000, 2), "expected 2000 rows × 2"
     assert np.isfinite(samples).all(), "samples must be finite"
     gap = np.abs(samples.mean(0) - rows.mean(0)) / rows.std(0)
     assert np.all(gap < 0.5), f"sample mean {samples.mean(0)} is far from {rows.mean(0)}"
@@ -547,3 +548,36 @@ def test_non_finite_training_from_the_command_line(
     assert "epoch 3" in err and "step 1" in err, f"message must name epoch and step: {err!r}"
     flow, _, _ = checkpoint.load(out / "model.pt")
     assert all(torch.isfinite(p).all() for p in flow.state_dict().values()), "model.pt not finite"
+
+
+def test_columns_skip_text_and_scoring_matches_columns_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(120, 2)) * [2.0, 50.0] + [10.0, 300.0]
+    data = tmp_path / "stations.csv"
+    with data.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["station", "a", "b"])
+        writer.writerows([f"S{i}", x, y] for i, (x, y) in enumerate(rows))
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--columns", "a,b", "--out", str(out)]
+    code, _, err = _run(capsys, [*argv, "--epochs", "2", "--no-progress"])
+    assert code == 0, f"a text column outside --columns must not matter: {err}"
+
+    swapped = tmp_path / "swapped.csv"
+    with swapped.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["b", "a"])
+        writer.writerows(rows[:, ::-1].tolist())
+    results = []
+    for path in (data, swapped):
+        code, text, err = _run(capsys, ["evaluate", str(out / "model.pt"), "--data", str(path)])
+        assert code == 0, err
+        results.append(text.split("NLL")[1].split()[0])
+    assert results[0] == results[1], "columns must be matched by name, whatever their order"
+
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,c\n1,2\n3,4\n")
+    code, _, err = _run(capsys, ["evaluate", str(out / "model.pt"), "--data", str(wrong)])
+    assert code == 2 and "no column named 'b'" in err and "Traceback" not in err

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from exactflow import __version__, report
+from exactflow import __version__, checkpoint, report
 from exactflow.data import DATASETS
 from exactflow.models import MODELS
 from exactflow.train import RECIPES, Recipe, TrainingDiverged, TrainingInterrupted
@@ -460,7 +460,8 @@ def _sample(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
     rows = workflow.draw(args.checkpoint, args.n, args.temperature, args.seed)
-    header = [f"x{i + 1}" for i in range(rows.shape[1])]
+    names = workflow.column_names(checkpoint.load(args.checkpoint)[2])
+    header = names or [f"x{i + 1}" for i in range(rows.shape[1])]
     workflow.write_rows(args.out, rows, header)
     print(f"wrote {len(rows)} samples × {rows.shape[1]} columns to {args.out}")
 

@@ -86,32 +86,58 @@ def load_split(name: str, seed: int, n: int = 4000) -> Split:
     return Split(standardizer.transform(train), standardizer.transform(test), standardizer)
 
 
-def _rows_to_array(rows: list[list[str]], path: Path, header: bool) -> np.ndarray:
-    """Parse CSV rows of text into a float array, naming the first bad cell."""
-    widths = {len(row) for row in rows}
-    if len(widths) > 1:
-        first = next(i for i, row in enumerate(rows) if len(row) != len(rows[0]))
-        raise DataError(
-            f"{path}: ragged rows: row {first + 1 + header} has {len(rows[first])} columns, "
-            f"row {1 + header} has {len(rows[0])}"
-        )
+def _rows_to_array(rows: list[list[str]], path: Path, columns: list[int]) -> np.ndarray:
+    """Parse the chosen columns of CSV rows into a float array, naming the first bad cell.
 
-    values = np.empty((len(rows), len(rows[0])), dtype=np.float64)
+    Row numbers in messages count data rows from 1, as the NaN message does.
+    """
+    values = np.empty((len(rows), len(columns)), dtype=np.float64)
     for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
+        for k, j in enumerate(columns):
             try:
-                values[i, j] = float(cell)
+                values[i, k] = float(row[j])
             except ValueError:
                 raise DataError(
-                    f"{path}: row {i + 1 + header}, column {j + 1}: {cell.strip()[:40]!r} "
-                    "is not a number"
+                    f"{path}: data row {i + 1}, column {j + 1}: {row[j].strip()[:40]!r} "
+                    "is not a number (choose numeric columns with --columns)"
                 ) from None
 
     return values
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """Read a CSV file with or without a header row; return the values and column names."""
+def _is_header(row: list[str]) -> bool:
+    """A first row with any cell that is not a number is a header."""
+    for cell in row:
+        try:
+            float(cell)
+        except ValueError:
+            return True
+
+    return False
+
+
+def csv_header(path: str | Path) -> list[str] | None:
+    """Return the column names of a CSV file's header row, or ``None`` (no header, not a CSV).
+
+    Reads only the first non-empty row; every other error is left to :func:`read_table`.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return None
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            first = next((row for row in csv.reader(file) if any(c.strip() for c in row)), None)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+
+    return [cell.strip() for cell in first] if first and _is_header(first) else None
+
+
+def _read_csv(path: Path, columns: Sequence[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """Read a CSV file with or without a header row; return the chosen values and names.
+
+    Columns are chosen before any cell is parsed, so unchosen columns may hold text.
+    """
     try:
         with path.open(newline="", encoding="utf-8") as file:
             rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
@@ -122,25 +148,23 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     if not rows:
         raise DataError(f"{path}: the file is empty")
 
-    # A first row with any cell that is not a number is a header.
-    def numeric(cell: str) -> bool:
-        try:
-            float(cell)
-        except ValueError:
-            return False
-        return True
-
-    header = not all(numeric(cell) for cell in rows[0])
+    header = _is_header(rows[0])
     names = [cell.strip() for cell in rows[0]] if header else None
     body = rows[1:] if header else rows
     if not body:
         raise DataError(f"{path}: the file has a header row but no data rows")
-    if header and len(body[0]) != len(rows[0]):
+    width = len(rows[0])
+    ragged = next((i for i, row in enumerate(body) if len(row) != width), None)
+    if ragged is not None:
         raise DataError(
-            f"{path}: the header has {len(rows[0])} columns but row 2 has {len(body[0])}"
+            f"{path}: ragged rows: data row {ragged + 1} has {len(body[ragged])} columns, "
+            f"the {'header' if header else 'first row'} has {width}"
         )
 
-    return _rows_to_array(body, path, header), names
+    chosen = _column_indices(names, columns, width, path) if columns else list(range(width))
+    names = [names[j] for j in chosen] if names is not None else None
+
+    return _rows_to_array(body, path, chosen), names
 
 
 def _read_numpy(path: Path) -> np.ndarray:
@@ -178,10 +202,10 @@ def _read_numpy(path: Path) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def _select(
-    values: np.ndarray, names: list[str] | None, columns: Sequence[str], path: Path
-) -> np.ndarray:
-    """Keep the chosen columns, given by header name or 1-based number."""
+def _column_indices(
+    names: list[str] | None, columns: Sequence[str], width: int, path: Path
+) -> list[int]:
+    """Return the 0-based indices of the chosen columns, given by header name or number."""
     chosen = []
     for column in columns:
         if names is not None and column in names:
@@ -192,13 +216,13 @@ def _select(
         except ValueError:
             valid = f"; its columns are {', '.join(names)}" if names else ""
             raise DataError(f"{path}: no column named {column!r}{valid}") from None
-        if not 1 <= number <= values.shape[1]:
+        if not 1 <= number <= width:
             raise DataError(
-                f"{path}: column {number} is out of range; the file has {values.shape[1]} columns"
+                f"{path}: column {number} is out of range; columns are numbered 1 to {width}"
             )
         chosen.append(number - 1)
 
-    return values[:, chosen]
+    return chosen
 
 
 def read_table(
@@ -206,7 +230,7 @@ def read_table(
     columns: Sequence[str] | None = None,
     drop_invalid: bool = False,
     min_columns: int = 1,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, list[str] | None]:
     """Read a table of numbers of shape ``(n, d)`` from a CSV, ``.npy`` or ``.npz`` file.
 
     Args:
@@ -216,7 +240,8 @@ def read_table(
         min_columns: the fewest columns the caller accepts.
 
     Returns:
-        The float64 table and the number of rows dropped as invalid.
+        The float64 table, the number of rows dropped as invalid, and the names of its columns
+        (from a CSV header; ``None`` without one).
 
     Raises:
         DataError: for a missing, empty, non-numeric or ragged file, a bad column choice, too
@@ -231,15 +256,15 @@ def read_table(
 
     names = None
     if path.suffix.lower() == ".csv":
-        values, names = _read_csv(path)
+        values, names = _read_csv(path, columns)
     else:
         values = _read_numpy(path)
-    if values.ndim == 1:
-        values = values[:, None]
-    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
-        raise DataError(f"{path}: expected a non-empty 2-D table, got shape {values.shape}")
-    if columns:
-        values = _select(values, names, columns, path)
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+            raise DataError(f"{path}: expected a non-empty 2-D table, got shape {values.shape}")
+        if columns:
+            values = values[:, _column_indices(None, columns, values.shape[1], path)]
     if values.shape[1] < min_columns:
         raise DataError(
             f"{path}: {values.shape[1]} column(s), but this model needs at least {min_columns}"
@@ -257,7 +282,7 @@ def read_table(
     if len(values) == 0:
         raise DataError(f"{path}: no rows left after dropping invalid ones")
 
-    return values, dropped
+    return values, dropped, names
 
 
 def split_rows(

@@ -20,6 +20,7 @@ from exactflow.data import (
     DATASETS,
     DataError,
     Standardizer,
+    csv_header,
     dequantize,
     generate,
     read_table,
@@ -122,17 +123,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def load_rows(settings: TrainSettings) -> tuple[np.ndarray, int]:
-    """Read the raw rows the settings name; return them and the number dropped as invalid."""
+def load_rows(settings: TrainSettings) -> tuple[np.ndarray, int, list[str] | None]:
+    """Read the raw rows the settings name; return them, how many were dropped, their names."""
     if settings.dataset is not None:
-        return generate(settings.dataset, BUILTIN_ROWS, settings.seed), 0
+        return generate(settings.dataset, BUILTIN_ROWS, settings.seed), 0, None
 
     min_columns = ONE_DIMENSIONAL.get(settings.model, 2)
-    rows, dropped = read_table(settings.data, settings.columns, settings.drop_invalid, min_columns)
+    rows, dropped, names = read_table(
+        settings.data, settings.columns, settings.drop_invalid, min_columns
+    )
     if settings.dequantize:
         rows = dequantize(rows, settings.seed)
 
-    return rows, dropped
+    return rows, dropped, names
 
 
 def _fingerprint(rows: np.ndarray) -> str:
@@ -158,6 +161,7 @@ class _Run:
     fingerprint: str
     dim: int
     dropped: int
+    names: list[str] | None
 
 
 def _model_info(run: _Run) -> dict[str, Any]:
@@ -180,6 +184,7 @@ def _save_best(run: _Run, path: Path) -> None:
             "best_nll": run.trainer.best_nll,
             "epochs_done": run.trainer.epoch,
             "rows_dropped": run.dropped,
+            "columns": run.names,
             "data_sha256": run.fingerprint,
         },
         train_log_density=-evaluate_nll(flow, run.train).double(),
@@ -200,7 +205,7 @@ def _save_resumable(run: _Run, path: Path) -> None:
 def _prepare(settings: TrainSettings) -> _Run:
     """Load and split the data, fit the standardization, build the model and its trainer."""
     device = _device(settings.device)
-    rows, dropped = load_rows(settings)
+    rows, dropped, names = load_rows(settings)
     train_rows, val_rows = split_rows(rows, settings.val_fraction, settings.seed)
     standardizer = Standardizer.fit(train_rows)
     if (standardizer.std == 0).any():
@@ -217,7 +222,9 @@ def _prepare(settings: TrainSettings) -> _Run:
         )
     trainer = Trainer(flow, train, settings.recipe, settings.seed, validation, settings.patience)
 
-    return _Run(settings, trainer, standardizer, train, _fingerprint(rows), rows.shape[1], dropped)
+    return _Run(
+        settings, trainer, standardizer, train, _fingerprint(rows), rows.shape[1], dropped, names
+    )
 
 
 def train(settings: TrainSettings, progress: bool = True, stop: Any = None) -> dict[str, Any]:
@@ -337,16 +344,39 @@ def _checked_rows(
     columns: list[str] | None,
     drop: bool,
 ) -> tuple[np.ndarray, int]:
-    """Read rows to score with a model: the same column count, dequantized as in training."""
-    rows, dropped = read_table(path, columns, drop)
+    """Read rows to score with a model: its columns, dequantized as in training.
+
+    When the model knows its column names and the file has a header, the columns are picked
+    by name (in the model's order) unless ``columns`` says otherwise; a file that lacks one of
+    them is refused rather than scored on the wrong columns.
+    """
+    trained = column_names(payload)
+    if columns is None and trained is not None:
+        header = csv_header(path)
+        if header is not None:
+            missing = [name for name in trained if name not in header]
+            if missing:
+                raise DataError(
+                    f"{path}: no column named {', '.join(map(repr, missing))}; the model was "
+                    f"trained on columns {', '.join(trained)} (choose others with --columns)"
+                )
+            columns = trained
+    rows, dropped, _ = read_table(path, columns, drop)
     if rows.shape[1] != flow.dim:
+        expected = f" ({', '.join(trained)})" if trained else ""
         raise DataError(
-            f"{path}: {rows.shape[1]} column(s), but the model was trained on {flow.dim}"
+            f"{path}: {rows.shape[1]} column(s), but the model was trained on "
+            f"{flow.dim}{expected}; choose them with --columns"
         )
     if payload["info"].get("settings", {}).get("dequantize"):
         rows = dequantize(rows, seed=0)
 
     return rows, dropped
+
+
+def column_names(payload: dict[str, Any]) -> list[str] | None:
+    """The names of the columns a checkpoint's model was trained on, when the data had them."""
+    return payload["info"].get("columns")
 
 
 def log_density(flow: Flow, standardizer: Standardizer, rows: np.ndarray) -> np.ndarray:
@@ -453,7 +483,7 @@ def _training_rows(payload: dict[str, Any]) -> np.ndarray | None:
     if settings is None:
         return None
     try:
-        rows, _ = load_rows(TrainSettings.from_dict(settings))
+        rows, _, _ = load_rows(TrainSettings.from_dict(settings))
     except (DataError, ValueError, TypeError, KeyError):
         return None
 
