@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import signal
@@ -16,7 +15,7 @@ from typing import Any, NoReturn
 from exactflow import __version__, checkpoint, report
 from exactflow.data import DATASETS
 from exactflow.models import MODELS
-from exactflow.train import RECIPES, Recipe, TrainingDiverged, TrainingInterrupted
+from exactflow.train import Recipe, TrainingDiverged, TrainingInterrupted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,13 +119,6 @@ def _parser() -> _Parser:
     )
     reproduce.add_argument(
         "--quick", action="store_true", help="one seed per run instead of three"
-    )
-    reproduce.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default="reference",
-        help="reference: the recipe above; validated: the same, but 10%% of each training draw "
-        "is held out to pick the best epoch (default: %(default)s)",
     )
     reproduce.add_argument(
         "--models",
@@ -314,9 +306,13 @@ def _reproduce(args: argparse.Namespace) -> int:
             f"exactflow reproduce: unknown reference model(s) {', '.join(unknown)}; "
             f"valid: {', '.join(REFERENCE_MODELS)}"
         )
-    recipe = dataclasses.replace(RECIPES[args.recipe], epochs=args.epochs)
     results = reproduce(
-        args.out, recipe, seeds=seeds, first_seed=args.seed, jobs=args.jobs, models=models
+        args.out,
+        Recipe(epochs=args.epochs),
+        seeds=seeds,
+        first_seed=args.seed,
+        jobs=args.jobs,
+        models=models,
     )
     page = report.write(args.out)
     print((args.out / "results.md").read_text(), end="")

@@ -30,9 +30,7 @@ class Recipe:
     Adam at ``lr``, cosine-annealed per epoch to ``lr_min`` over ``epochs``, mini-batches of
     ``batch_size`` in a fresh random order each epoch, gradients clipped to norm ``clip``, loss
     the mean negative log-likelihood. After each epoch the model is scored on the whole training
-    set in evaluation mode, and the best epoch's weights are kept. With ``validation`` above 0
-    (used by :func:`fit`), that share of the training rows is held out and picks the best epoch
-    instead.
+    set in evaluation mode, and the best epoch's weights are kept.
     """
 
     epochs: int = 1000
@@ -40,7 +38,6 @@ class Recipe:
     lr_min: float = 1e-5
     batch_size: int = 256
     clip: float = 5.0
-    validation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -51,8 +48,6 @@ class Recipe:
             raise ValueError(f"lr_min must be in [0, lr], got {self.lr_min}")
         if self.batch_size < 2:
             raise ValueError(f"batch size must be at least 2, got {self.batch_size}")
-        if not 0 <= self.validation < 1:
-            raise ValueError(f"validation share must be in [0, 1), got {self.validation}")
         if not 0 < self.clip < math.inf:
             raise ValueError(f"clip norm must be positive and finite, got {self.clip}")
 
@@ -338,28 +333,15 @@ def fit(
 ) -> TrainResult:
     """Train ``flow`` on the rows of ``x`` by ``recipe``; leave it with the best epoch's weights.
 
-    The best epoch is the one with the lowest training NLL in evaluation mode, or, when
-    ``recipe.validation`` is above 0, the lowest NLL on that share of the rows, held out at
-    random (seeded by ``seed``) and not trained on.
+    The best epoch is the one with the lowest training NLL in evaluation mode.
 
     Raises:
         TrainingDiverged: when a loss or gradient norm is not finite.
     """
-    validation = None
-    if recipe.validation > 0:
-        order = np.random.default_rng(seed).permutation(len(x))
-        held = round(recipe.validation * len(x))
-        x, validation = x[order[held:]], x[order[:held]]
-    trainer = Trainer(flow, x, recipe, seed, validation)
+    trainer = Trainer(flow, x, recipe, seed)
     try:
         result = trainer.run(progress)
     finally:
         trainer.best_flow()
 
     return result
-
-
-#: The named recipes of the experiments. ``validated`` differs from the reference recipe in one
-#: point: 10% of the training draw is held out and picks the best epoch, which guards against
-#: the late-epoch overfitting the reference recipe shows (training NLL below the entropy floor).
-RECIPES = {"reference": Recipe(), "validated": Recipe(validation=0.1)}
