@@ -427,8 +427,8 @@ def _train(args: argparse.Namespace) -> int:
         f"trained {summary['model']} ({summary['parameters']:,} parameters) on "
         f"{summary['rows']} rows × {summary['columns']} columns{dropped}: best epoch "
         f"{summary['best_epoch']} of {summary['epochs_done']}{stopped}, NLL "
-        f"{summary['best_nll']:.4f} nats per row (standardized units); written to "
-        f"{summary['out']}/"
+        f"{summary['best_nll_data_units']:.4f} nats per row in the data's units "
+        f"({summary['best_nll']:.4f} standardized); written to {summary['out']}/"
     )
 
     return 0

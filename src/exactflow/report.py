@@ -45,25 +45,38 @@ def _markdown_table(text: str) -> str:
     return "\n".join(parts)
 
 
+def _rounded(value: str) -> str:
+    """Show a number with six significant digits; leave anything else as it is."""
+    try:
+        return f"{float(value):.6g}"
+    except ValueError:
+        return value
+
+
+def _pairs_table(title: str, pairs: list[tuple[str, str]]) -> str:
+    cells = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(_rounded(v))}</td></tr>" for k, v in pairs
+    )
+
+    return f"<h2>{html.escape(title)}</h2><table><tbody>{cells}</tbody></table>"
+
+
 def _metrics_table(path: Path) -> str:
-    """Summarise a metrics CSV: its last epoch and its best validation or training NLL."""
+    """The last epoch of a metrics CSV."""
     lines = path.read_text().splitlines()
     if len(lines) < 2:
         return ""
-    header = lines[0].split(",")
-    last = lines[-1].split(",")
-    cells = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
-        for k, v in zip(header, last, strict=False)
-    )
 
-    return f"<h2>Last epoch</h2><table><tbody>{cells}</tbody></table>"
+    return _pairs_table(
+        "Last epoch", list(zip(lines[0].split(","), lines[-1].split(","), strict=False))
+    )
 
 
 def write(folder: str | Path) -> Path:
     """Write ``report.html`` into a run folder of ``reproduce`` or ``train``; return its path.
 
-    The page holds the results table (``results.md``) or the last epoch of ``metrics.csv``,
+    The page holds the results table (``results.md``) or the run's summary and the last epoch
+    of ``metrics.csv``,
     every PNG figure of the folder embedded as data, and the settings that made the run.
 
     Raises:
@@ -76,6 +89,10 @@ def write(folder: str | Path) -> Path:
     sections = []
     if (folder / "results.md").is_file():
         sections.append("<h2>Results</h2>" + _markdown_table((folder / "results.md").read_text()))
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        pairs = [(key, str(value)) for key, value in summary.items()]
+        sections.append(_pairs_table("Training run (best epoch)", pairs))
     if (folder / "metrics.csv").is_file():
         sections.append(_metrics_table(folder / "metrics.csv"))
     figures = sorted(folder.glob("*.png"))

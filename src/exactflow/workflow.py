@@ -36,6 +36,7 @@ MODEL_FILE = "model.pt"
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.csv"
 SETTINGS_FILE = "settings.json"
+SUMMARY_FILE = "summary.json"
 BUILTIN_ROWS = 4000
 RESUME_EVERY = 25
 MAX_SAMPLES = 10_000_000
@@ -232,7 +233,8 @@ def train(settings: TrainSettings, progress: bool = True, stop: Any = None) -> d
 
     The folder ``settings.out`` receives ``model.pt`` (the best epoch's weights), ``resume.pt``
     (the full training state, rewritten every 25 epochs, on interruption and at the end),
-    ``metrics.csv`` (one row per epoch) and ``settings.json``.
+    ``metrics.csv`` (one row per epoch), ``settings.json`` and ``summary.json`` (the returned
+    summary).
 
     Args:
         settings: what to train on and how.
@@ -323,7 +325,7 @@ def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
     if run.trainer.validation is not None:
         rows += len(run.trainer.validation)
 
-    return {
+    summary = {
         "model": settings.model,
         "parameters": count_parameters(flow),
         "rows": rows,
@@ -333,8 +335,12 @@ def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
         "best_nll": result.best_nll,
         "epochs_done": run.trainer.epoch,
         "stopped_early": result.stopped_early,
+        "best_nll_data_units": result.best_nll - run.standardizer.log_det,
         "out": str(out),
     }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+    return summary
 
 
 def _checked_rows(
