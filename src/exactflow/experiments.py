@@ -52,6 +52,21 @@ class Run:
         return f"{self.model}_{self.dataset}_seed{self.seed}"
 
 
+def run_grid(
+    models: Sequence[str], datasets: Sequence[str], seeds: int, first_seed: int = 0
+) -> list[Run]:
+    """Return every model on every dataset for ``seeds`` consecutive seeds, seed by seed."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+
+    return [
+        Run(model, dataset, first_seed + k)
+        for k in range(seeds)
+        for model in models
+        for dataset in datasets
+    ]
+
+
 def _init_worker(slots: Any, lock: Any) -> None:
     """Give each worker process one thread and a fixed progress-bar line."""
     global _SLOT
@@ -307,16 +322,8 @@ def reproduce(
     Returns:
         The contents written to ``out / "results.json"``.
     """
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
-    runs = [
-        Run(model, dataset, first_seed + k)
-        for k in range(seeds)
-        for model in models
-        for dataset in datasets
-    ]
     records = sorted(
-        train_runs(runs, recipe, out, jobs),
+        train_runs(run_grid(models, datasets, seeds, first_seed), recipe, out, jobs),
         key=lambda r: (r["seed"], MODELS.index(r["model"]), DATASETS.index(r["dataset"])),
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 from exactflow import checkpoint, plotting, truth
 from exactflow.data import DATASETS, load_split
 from exactflow.evaluation import Grid, grid_log_prob
-from exactflow.experiments import MASS_TOLERANCE, Run, _plain, summarise, train_runs
+from exactflow.experiments import MASS_TOLERANCE, _plain, run_grid, summarise, train_runs
 from exactflow.models import MODELS
 from exactflow.train import Recipe
 
@@ -166,16 +166,7 @@ def run_zoo(
     """
     models = _check("model", models, tuple(MODELS))
     datasets = _check("dataset", datasets, DATASETS)
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
-    runs = [
-        Run(model, dataset, first_seed + k)
-        for k in range(seeds)
-        for model in models
-        for dataset in datasets
-    ]
-
-    records = train_runs(runs, recipe, out, jobs)
+    records = train_runs(run_grid(models, datasets, seeds, first_seed), recipe, out, jobs)
 
     summary = summarise(records, models, datasets)
     results = {
