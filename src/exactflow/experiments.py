@@ -329,19 +329,19 @@ def reproduce(
 
     summary = summarise(records)
     results = {"recipe": recipe.as_dict(), "seeds": seeds, "runs": records, "summary": summary}
-    (out / "results.json").write_text(json.dumps(_plain(results), indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=2) + "\n")
     (out / "results.md").write_text(table(summary))
     figures(records, out)
 
     return results
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Replace non-finite floats by ``None`` so the JSON is standard."""
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_plain(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
 

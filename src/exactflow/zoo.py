@@ -14,7 +14,7 @@ import numpy as np
 from exactflow import checkpoint, plotting, truth
 from exactflow.data import DATASETS, load_split
 from exactflow.evaluation import Grid, grid_log_prob
-from exactflow.experiments import MASS_TOLERANCE, _plain, run_grid, summarise, train_runs
+from exactflow.experiments import MASS_TOLERANCE, json_safe, run_grid, summarise, train_runs
 from exactflow.models import MODELS
 from exactflow.train import Recipe
 
@@ -179,7 +179,7 @@ def run_zoo(
         "runs": records,
         "summary": summary,
     }
-    (out / JSON_FILE).write_text(json.dumps(_plain(results), indent=2) + "\n")
+    (out / JSON_FILE).write_text(json.dumps(json_safe(results), indent=2) + "\n")
     (out / TABLE_FILE).write_text(table(summary, recipe))
     figure(records, models, datasets, out)
 
