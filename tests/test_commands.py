@@ -581,3 +581,15 @@ def test_columns_skip_text_and_scoring_matches_columns_by_name(
     wrong.write_text("a,c\n1,2\n3,4\n")
     code, _, err = _run(capsys, ["evaluate", str(out / "model.pt"), "--data", str(wrong)])
     assert code == 2 and "no column named 'b'" in err and "Traceback" not in err
+
+
+def test_load_distribution_scores_like_evaluate(trained: dict) -> None:
+    density = workflow.load_distribution(trained["model"])
+    flow, standardizer, _ = checkpoint.load(trained["model"])
+    rows = trained["rows"][:50]
+
+    expected = workflow.log_density(flow, standardizer, rows)
+    got = density.log_prob(torch.as_tensor(rows)).detach().double().numpy()
+
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert density.sample((7,)).shape == (7, rows.shape[1])
