@@ -31,12 +31,7 @@ SCALE = np.array([40.0, 0.5])
 ROWS = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw_rows(n: int = ROWS, seed: int = 0) -> np.ndarray:

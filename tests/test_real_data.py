@@ -5,19 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.datasets import load_wine
 
 from exactflow import cli
 from exactflow.data import dequantize
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", name="wine_csv")

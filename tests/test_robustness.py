@@ -41,12 +41,7 @@ HERE = Path(__file__).resolve().parent
 EXIT_CODES = {0, 1, 2, 130}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw_rows(n: int, seed: int = 0) -> np.ndarray:

@@ -73,6 +73,16 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that read a data file with a trained model."""
+    parser.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    parser.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+    parser.add_argument(
+        "--columns", type=_columns, help="columns to use: a,b (default: the model's, by name)"
+    )
+    parser.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="exactflow",
@@ -193,10 +203,7 @@ def _parser() -> _Parser:
         description="Print the NLL (mean, median, standard error) of the rows of a data file, "
         "in nats per row in the data's own units and in bits per dimension.",
     )
-    evaluate.add_argument("checkpoint", type=Path, help="a model.pt written by train")
-    evaluate.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
-    evaluate.add_argument("--columns", type=_columns, help="columns to use: a,b")
-    evaluate.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
+    _add_scoring_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sample = commands.add_parser(
@@ -222,14 +229,11 @@ def _parser() -> _Parser:
         "is_outlier column: 1 where the log-density is below the --quantile of the training "
         "rows' log-densities.",
     )
-    score.add_argument("checkpoint", type=Path, help="a model.pt written by train")
-    score.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+    _add_scoring_options(score)
     score.add_argument("--out", type=Path, required=True, help="the CSV file to write")
     score.add_argument(
         "--quantile", type=_float, default=0.01, help="outlier threshold (default: %(default)s)"
     )
-    score.add_argument("--columns", type=_columns, help="columns to use: a,b")
-    score.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
 
     plot = commands.add_parser(
         "plot",
