@@ -111,16 +111,21 @@ def _invalid_rows_csv(path: Path) -> Path:
     return _write_csv(path, rows, ["a", "b"])
 
 
+def _data_command(command: str, data: Path, trained: dict, tmp_path: Path) -> list:
+    """The argument list of a command that reads the data file ``data``."""
+    return {
+        "train": ["train", "--data", data, "--out", tmp_path / "run"],
+        "evaluate": ["evaluate", trained["model"], "--data", data],
+        "score": ["score", trained["model"], "--data", data, "--out", tmp_path / "s.csv"],
+    }[command]
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "score"])
 def test_rows_with_nan_or_inf_are_refused_with_count_and_rows(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     data = _invalid_rows_csv(tmp_path / "bad.csv")
-    argv = {
-        "train": ["train", "--data", data, "--out", tmp_path / "run"],
-        "evaluate": ["evaluate", trained["model"], "--data", data],
-        "score": ["score", trained["model"], "--data", data, "--out", tmp_path / "s.csv"],
-    }[command]
+    argv = _data_command(command, data, trained, tmp_path)
     code, _, err = _run(capsys, argv)
 
     _assert_refused(code, err, "3 row(s)", "3, 7, 12", "--drop-invalid")
@@ -205,11 +210,7 @@ def test_unreadable_data_files_are_refused(
         content(data)
     else:
         data.write_bytes(content)
-    argv = {
-        "train": ["train", "--data", data, "--out", tmp_path / "run"],
-        "evaluate": ["evaluate", trained["model"], "--data", data],
-        "score": ["score", trained["model"], "--data", data, "--out", tmp_path / "s.csv"],
-    }[command]
+    argv = _data_command(command, data, trained, tmp_path)
     code, _, err = _run(capsys, argv)
 
     _assert_refused(code, err, needle)

@@ -83,6 +83,25 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
 
 
+def _add_run_options(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+    """The options of the commands that train a grid of runs: epochs, first seed, jobs."""
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=recipe.epochs,
+        help="epochs per run (default: %(default)s, the reference recipe)",
+    )
+    parser.add_argument(
+        "--seed", type=_int, default=0, help="the first seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="runs trained in parallel, one thread each (default: the number of CPU cores)",
+    )
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="exactflow",
@@ -111,15 +130,7 @@ def _parser() -> _Parser:
         help="output folder for results.json, results.md, checkpoints and figures "
         "(default: %(default)s)",
     )
-    reproduce.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=recipe.epochs,
-        help="epochs per run (default: %(default)s, the reference recipe)",
-    )
-    reproduce.add_argument(
-        "--seed", type=_int, default=0, help="the first seed (default: %(default)s)"
-    )
+    _add_run_options(reproduce, recipe)
     reproduce.add_argument(
         "--seeds",
         type=_positive_int,
@@ -135,12 +146,6 @@ def _parser() -> _Parser:
         type=_columns,
         default=None,
         help="only these reference models, a,b (default: realnvp,planar)",
-    )
-    reproduce.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=None,
-        help="runs trained in parallel, one thread each (default: the number of CPU cores)",
     )
 
     train = commands.add_parser(
@@ -272,21 +277,9 @@ def _parser() -> _Parser:
         help=f"datasets a,b,... (default: all: {', '.join(DATASETS)})",
     )
     zoo.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=recipe.epochs,
-        help="epochs per run (default: %(default)s, the reference recipe)",
-    )
-    zoo.add_argument(
         "--seeds", type=_positive_int, default=1, help="seeds per run (default: %(default)s)"
     )
-    zoo.add_argument("--seed", type=_int, default=0, help="the first seed (default: %(default)s)")
-    zoo.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=None,
-        help="runs trained in parallel, one thread each (default: the number of CPU cores)",
-    )
+    _add_run_options(zoo, recipe)
     zoo.add_argument(
         "--out",
         type=Path,
