@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from exactflow.flow import Flow
+from exactflow.fused import fuse, parameter_order
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,7 +30,9 @@ class Recipe:
 
     Adam at ``lr``, cosine-annealed per epoch to ``lr_min`` over ``epochs``, mini-batches of
     ``batch_size`` in a fresh random order each epoch, gradients clipped to norm ``clip``, loss
-    the mean negative log-likelihood. After each epoch the model is scored on the whole training
+    the mean negative log-likelihood. A positive ``weight_decay`` shrinks every weight by
+    ``lr * weight_decay`` of itself each step, apart from the gradient (AdamW); the reference
+    recipe has none. After each epoch the model is scored on the whole training
     set in evaluation mode, and the best epoch's weights are kept.
     """
 
@@ -38,6 +41,7 @@ class Recipe:
     lr_min: float = 1e-5
     batch_size: int = 256
     clip: float = 5.0
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -50,6 +54,8 @@ class Recipe:
             raise ValueError(f"batch size must be at least 2, got {self.batch_size}")
         if not 0 < self.clip < math.inf:
             raise ValueError(f"clip norm must be positive and finite, got {self.clip}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight decay must be in [0, 1), got {self.weight_decay}")
 
     def as_dict(self) -> dict[str, float]:
         """Return the recipe as a plain dictionary."""
@@ -74,15 +80,18 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 @torch.no_grad()
-def evaluate_nll(flow: Flow, x: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+def evaluate_nll(flow: Flow, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Return the per-point negative log-likelihood of ``x`` in evaluation mode.
 
     The model's train/eval flag is restored afterwards, so evaluation never changes the model.
     """
     was_training = flow.training
     flow.eval()
+    x = flow.cast(x)
+    fused = fuse(flow) if x.dim() == 2 and x.shape[-1] == flow.dim else None
+    log_prob = flow.log_prob if fused is None else fused.log_prob
     try:
-        nll = torch.cat([-flow.log_prob(part) for part in x.split(chunk)])
+        nll = torch.cat([-log_prob(part) for part in x.split(chunk)])
     finally:
         flow.train(was_training)
 
@@ -94,10 +103,11 @@ def flatten_parameters(flow: Flow) -> torch.nn.Parameter:
 
     Each parameter, and its gradient, becomes a view into one contiguous vector, so that the
     optimizer step and gradient clipping are a handful of operations on one tensor instead of
-    a few per parameter. Backward passes accumulate into the flat gradient in place. Undo with
+    a few per parameter. Backward passes accumulate into the flat gradient in place. The order
+    in the buffer is :func:`exactflow.fused.parameter_order`. Undo with
     :func:`unflatten_parameters`.
     """
-    parameters = [p for p in flow.parameters() if p.requires_grad]
+    parameters = parameter_order(flow)
     flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in parameters]))
     flat.grad = torch.zeros_like(flat)
     offset = 0
@@ -191,8 +201,18 @@ class Trainer:
         self.data = as_tensor(x)
         self.validation = None if validation is None else as_tensor(validation)
         self.generator = torch.Generator().manual_seed(seed)
+        names = {id(p): name for name, p in flow.named_parameters()}
+        self.layout = [names[id(p)] for p in parameter_order(flow)]
         self.flat = flatten_parameters(flow)
-        self.optimizer = torch.optim.Adam([self.flat], lr=recipe.lr)
+        fused = fuse(flow)
+        self.fused = fused if fused is not None and fused.trainable else None
+        self.optimizer = torch.optim.Adam(
+            [self.flat],
+            lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
+            decoupled_weight_decay=True,
+            fused=True,
+        )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=recipe.epochs, eta_min=recipe.lr_min
         )
@@ -213,6 +233,30 @@ class Trainer:
         """Whether ``patience`` epochs have passed without a new best."""
         return self.patience is not None and self.epoch - self.best_epoch >= self.patience
 
+    def step(self, batch: torch.Tensor) -> torch.Tensor:
+        """Take one optimizer step on the rows ``batch``; return the detached mean loss.
+
+        The flow must be in training mode.
+
+        Raises:
+            TrainingDiverged: when the loss or the gradient norm is not finite.
+        """
+        self.flat.grad.zero_()
+        if self.fused is not None:
+            loss = self.fused.loss_backward(batch)
+        else:
+            loss = -self.flow.log_prob(batch).mean()
+            loss.backward()
+        grad_norm = torch.linalg.vector_norm(self.flat.grad)
+        self.flat.grad.mul_((self.recipe.clip / (grad_norm + 1e-6)).clamp_(max=1.0))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                "non-finite " + ("loss" if not torch.isfinite(loss) else "gradient")
+            )
+        self.optimizer.step()
+
+        return loss.detach()
+
     def run_epoch(self) -> Epoch:
         """Train one epoch and score it.
 
@@ -229,15 +273,11 @@ class Trainer:
         for step, index in enumerate(
             batches(len(self.data), self.recipe.batch_size, self.generator), 1
         ):
-            loss = -self.flow.log_prob(self.data[index]).mean()
-            self.flat.grad.zero_()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.flat, self.recipe.clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                what = "loss" if not torch.isfinite(loss) else "gradient"
-                raise TrainingDiverged(f"non-finite {what} at epoch {self.epoch}, step {step}")
-            self.optimizer.step()
-            total += loss.detach() * len(index)
+            try:
+                loss = self.step(self.data[index])
+            except TrainingDiverged as error:
+                raise TrainingDiverged(f"{error} at epoch {self.epoch}, step {step}") from None
+            total += loss * len(index)
         self.scheduler.step()
 
         # Score the epoch in evaluation mode; keep the best weights.
@@ -299,6 +339,7 @@ class Trainer:
         """Return everything needed to resume this run exactly, as plain data and tensors."""
         return {
             "model": _snapshot(self.flow),
+            "layout": self.layout,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -311,7 +352,17 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state written by :meth:`state_dict`, so the run continues where it was."""
+        """Restore a state written by :meth:`state_dict`, so the run continues where it was.
+
+        Raises:
+            ValueError: when the state's optimizer moments are laid out for another order of
+                the parameters (a state written by another version of exactflow).
+        """
+        if state.get("layout") != self.layout:
+            raise ValueError(
+                "this training state orders the parameters differently from this version of "
+                "exactflow, so its optimizer state cannot be resumed; start the run again"
+            )
         self.flow.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
