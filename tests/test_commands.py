@@ -224,6 +224,7 @@ def test_config_file_with_a_flag_overriding_it(
         'model = "planar"\n'
         "epochs = 3\n"
         "batch-size = 32\n"
+        "weight-decay = 0.02\n"
         "seed = 5\n"
     )
     code, _, err = _run(
@@ -234,6 +235,7 @@ def test_config_file_with_a_flag_overriding_it(
     settings = json.loads((out / "settings.json").read_text())
     assert settings["recipe"]["epochs"] == 2, "the --epochs flag must win over the config"
     assert settings["recipe"]["batch_size"] == 32, "batch-size from the config was lost"
+    assert settings["recipe"]["weight_decay"] == 0.02, "weight-decay from the config was lost"
     assert settings["model"] == "planar" and settings["seed"] == 5, "config values were lost"
     assert len(_metrics(out)) == 2, "the run must stop after the flag's 2 epochs"
 

@@ -289,6 +289,9 @@ def test_unknown_model_and_dataset_list_the_valid_ones(
         ("--lr", "0", "learning rate"),
         ("--lr", "-0.001", "learning rate"),
         ("--lr", "nan", "finite"),
+        ("--weight-decay", "-0.1", "weight decay"),
+        ("--weight-decay", "1", "weight decay"),
+        ("--weight-decay", "inf", "finite"),
         ("--epochs", "0", "at least 1"),
         ("--epochs", "-3", "at least 1"),
         ("--batch-size", "1", "batch size"),
@@ -435,6 +438,24 @@ def test_batch_size_two_on_an_odd_number_of_rows_trains(
     code, _, err = _run(capsys, [*argv, "--epochs", "1", "--out", tmp_path / "run"])
 
     assert code == 0, f"--batch-size 2 (documented minimum) on 23 rows failed: {err!r}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # Each fails numpy's header parser differently: a tokenize error, a TypeError while
+        # sorting the keys, a truncated dictionary.
+        b"3'descr': '<f8', 'fortran_order': False, 'shape': (3, 2)\xb7 } ",
+        b"{'descr': '<f8', 'fortran_order': False,B'shape': (3, 2), } ",
+        b"{'descr': '<f8', 'fortran_order': False, 'shape': (3, ",
+    ],
+)
+def test_damaged_npy_headers_are_refused_as_data_errors(tmp_path: Path, header: bytes) -> None:
+    path = tmp_path / "damaged.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
+
+    with pytest.raises(DataError, match=r"not a readable \.npy file"):
+        read_table(path)
 
 
 # --- The Python API ----------------------------------------------------------------------------

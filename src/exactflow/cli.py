@@ -181,6 +181,11 @@ def _parser() -> _Parser:
         "--lr", type=_float, help=f"Adam's initial learning rate (default: {recipe.lr:g})"
     )
     train.add_argument(
+        "--weight-decay",
+        type=_float,
+        help="decoupled weight decay, as in AdamW (default: 0, none)",
+    )
+    train.add_argument(
         "--seed", type=_int, help="seeds the split, initialization and batch order (default: 0)"
     )
     train.add_argument(
@@ -333,13 +338,14 @@ TRAIN_OPTIONS = {
     "lr": float,
     "lr_min": float,
     "clip": float,
+    "weight_decay": float,
     "seed": int,
     "val_fraction": float,
     "patience": int,
     "device": str,
     "dequantize": bool,
 }
-RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "lr_min", "clip")
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "lr_min", "clip", "weight_decay")
 
 
 def _config(path: Path) -> dict[str, Any]:

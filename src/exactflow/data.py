@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,9 +187,13 @@ def _read_numpy(path: Path) -> np.ndarray:
                 array = archive[key]
         else:
             array = loaded
+    except DataError:
+        raise
     except MemoryError:
         raise DataError(f"{path}: the array it declares is too large to load") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except Exception as error:
+        # A damaged header can fail numpy's parser in many ways (ValueError, EOFError,
+        # TypeError, IndexError, tokenize errors, zip errors): each means an unreadable file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable {path.suffix} file ({message})") from None
 

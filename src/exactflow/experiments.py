@@ -181,8 +181,8 @@ def _pm(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
-def table(summary: Sequence[dict[str, Any]]) -> str:
-    """Render the summary as a Markdown table, with its units and flags."""
+def table(summary: Sequence[dict[str, Any]], recipe: Recipe) -> str:
+    """Render the summary as a Markdown table, with its units, recipe and flags."""
     header = (
         "| model | dataset | params | train NLL | held-out NLL | median | entropy floor H "
         "| gap (≈ KL) | outliers | N(0,I) | grid mass | best epoch | seconds | published |"
@@ -223,11 +223,24 @@ def table(summary: Sequence[dict[str, Any]]) -> str:
         f"over seeds, sum of the model density over a {MASS_GRID_POINTS} × {MASS_GRID_POINTS} "
         f"grid covering the data with a margin of {MASS_GRID_MARGIN} "
         "(1 for a normalised density).",
+        f"Recipe: {_describe(recipe)}.",
     ]
     if flagged:
         notes.append(f"⚠: grid mass differs from 1 by more than {MASS_TOLERANCE}.")
 
     return "\n".join([*lines, *notes]) + "\n"
+
+
+def _describe(recipe: Recipe) -> str:
+    """One line of the recipe's settings."""
+    text = (
+        f"{recipe.epochs} epochs, Adam at {recipe.lr:g} cosine-annealed to {recipe.lr_min:g}, "
+        f"batch {recipe.batch_size}, gradient norm clipped at {recipe.clip:g}"
+    )
+    if recipe.weight_decay:
+        text += f", decoupled weight decay {recipe.weight_decay:g}"
+
+    return text + ", best epoch kept"
 
 
 def figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
@@ -330,7 +343,7 @@ def reproduce(
     summary = summarise(records)
     results = {"recipe": recipe.as_dict(), "seeds": seeds, "runs": records, "summary": summary}
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2) + "\n")
-    (out / "results.md").write_text(table(summary))
+    (out / "results.md").write_text(table(summary, recipe))
     figures(records, out)
 
     return results
