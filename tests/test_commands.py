@@ -24,6 +24,7 @@ import torch
 from sklearn.datasets import make_moons
 
 from exactflow import checkpoint, cli, workflow
+from exactflow.models import build
 from exactflow.train import Recipe, Trainer, TrainingDiverged, TrainingInterrupted
 
 SHIFT = np.array([500.0, -20.0])
@@ -590,3 +591,73 @@ def test_load_distribution_scores_like_evaluate(trained: dict) -> None:
 
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     assert density.sample((7,)).shape == (7, rows.shape[1])
+
+
+def _tamper_moments(state: dict) -> None:
+    moments = state["optimizer"]["state"][0]
+    moments["exp_avg"] = moments["exp_avg"][:10].clone()
+
+
+def _tamper_group(state: dict) -> None:
+    state["optimizer"]["param_groups"][0]["weight_decay"] = 0.5
+
+
+def _tamper_model(state: dict) -> None:
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name][:1]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "needle"),
+    [
+        (lambda s: s.update(layout=list(reversed(s["layout"]))), "orders the parameters"),
+        (lambda s: s.pop("optimizer"), "entries are not a trainer's"),
+        (_tamper_moments, "moments do not match"),
+        (lambda s: s["optimizer"]["state"][0].update(exp_avg_sq=torch.zeros(3, 3)), "moments"),
+        (_tamper_group, "optimizer settings differ"),
+        (lambda s: s.update(epoch=10**6), "epoch 1000000"),
+        (lambda s: s.update(epoch=-5), "epoch -5"),
+        (lambda s: s.update(epoch="x"), "epoch 'x'"),
+        (lambda s: s.update(best_epoch=3), "best epoch 3"),
+        (lambda s: s.update(history=[{"foo": 1}, {"foo": 2}]), "history"),
+        (lambda s: s.update(generator=torch.zeros(3)), "generator"),
+        (_tamper_model, "model does not match"),
+        (lambda s: s.update(best_state={}), "best_state does not match"),
+        (lambda s: s["scheduler"].update(T_max=7), "schedule"),
+    ],
+)
+def test_a_damaged_training_state_is_refused_and_changes_nothing(tamper, needle: str) -> None:
+    rows = torch.as_tensor(_raw_rows(64) / SCALE, dtype=torch.float32)
+    trainer = Trainer(build("realnvp", 2), rows, Recipe(epochs=4), seed=0)
+    trainer.run_epoch()
+    trainer.run_epoch()
+    state = trainer.state_dict()
+    tamper(state)
+    other = Trainer(build("realnvp", 2), rows, Recipe(epochs=4), seed=1)
+    before = other.flat.detach().clone()
+
+    with pytest.raises(ValueError, match=needle):
+        other.load_state_dict(state)
+
+    assert torch.equal(other.flat, before) and other.epoch == 0, "a refused state was loaded"
+
+
+def test_resume_from_another_folder_names_the_relative_data_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    _write_csv(start / "rows.csv", _raw_rows(100, seed=6), ["a", "b"])
+    monkeypatch.chdir(start)
+    with pytest.raises(TrainingInterrupted):
+        workflow.train(_settings(Path("rows.csv"), start / "run", 4), False, _stop_after(1))
+    model = (start / "run" / "model.pt").read_bytes()
+
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match=r"'rows\.csv' is not found from .*resume from there"):
+        workflow.resume(start / "run" / "resume.pt", progress=False)
+    assert (start / "run" / "model.pt").read_bytes() == model, "a failed resume changed model.pt"
+
+    monkeypatch.chdir(start)
+    assert workflow.resume(start / "run" / "resume.pt", progress=False)["epochs_done"] == 4

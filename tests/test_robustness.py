@@ -786,6 +786,26 @@ CHANGES = {
 }
 
 
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"x,y\n1,2\n", "not a torch file of tensors and plain data"),
+        (b"", "empty or cut short"),
+        (b"PK\x03\x04" + b"\x00" * 40, "damaged or of another kind"),
+    ],
+)
+def test_files_that_are_no_checkpoint_get_a_short_reason(
+    tmp_path: Path, content: bytes, needle: str
+) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+
+    with pytest.raises(CheckpointError, match=needle) as raised:
+        checkpoint.load(path)
+    assert "weights_only" not in str(raised.value)
+    assert len(str(raised.value)) - len(str(path)) < 160, "the reason is not short"
+
+
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_incompatible_checkpoints_are_refused_with_the_reason(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str

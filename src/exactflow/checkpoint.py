@@ -95,10 +95,21 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{str(path)!r} is not a loadable exactflow checkpoint ({first_line})"
+            f"{str(path)!r} is not an exactflow checkpoint: it is not a torch file of tensors "
+            "and plain data, the only kind exactflow loads"
+        ) from None
+    except EOFError:
+        raise CheckpointError(
+            f"{str(path)!r} is not a loadable exactflow checkpoint: it is empty or cut short"
+        ) from None
+    except (RuntimeError, OSError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = detail if len(detail) <= 80 else detail[:77] + "..."
+        raise CheckpointError(
+            f"{str(path)!r} is not a loadable exactflow checkpoint: it is damaged or of "
+            f"another kind ({detail or type(error).__name__})"
         ) from None
 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

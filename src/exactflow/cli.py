@@ -183,7 +183,7 @@ def _parser() -> _Parser:
     train.add_argument(
         "--weight-decay",
         type=_float,
-        help="decoupled weight decay, as in AdamW (default: 0, none)",
+        help="decoupled weight decay in [0, 1), as in AdamW (default: 0, none)",
     )
     train.add_argument(
         "--seed", type=_int, help="seeds the split, initialization and batch order (default: 0)"
@@ -379,6 +379,10 @@ def _config(path: Path) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
+    if args.resume is not None and args.config is not None:
+        raise UsageError(
+            "exactflow train: --resume continues a run with its own settings; drop --config"
+        )
     options = _config(args.config) if args.config is not None else {}
     for name in TRAIN_OPTIONS:
         value = getattr(args, name, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -354,15 +354,25 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state written by :meth:`state_dict`, so the run continues where it was.
 
+        The state is checked against this trainer before anything is loaded: the same
+        parameter layout, tensors of the same shapes and dtypes, the same optimizer and
+        schedule settings, and counters that fit the recipe.
+
         Raises:
-            ValueError: when the state's optimizer moments are laid out for another order of
-                the parameters (a state written by another version of exactflow).
+            ValueError: when the state does not belong to this run or is damaged; the trainer
+                is then left as it was.
         """
-        if state.get("layout") != self.layout:
+        if not isinstance(state, dict) or state.keys() != self.state_dict().keys():
+            raise ValueError("the training state is damaged: its entries are not a trainer's")
+        if state["layout"] != self.layout:
             raise ValueError(
                 "this training state orders the parameters differently from this version of "
                 "exactflow, so its optimizer state cannot be resumed; start the run again"
             )
+        problem = self._state_problem(state)
+        if problem is not None:
+            raise ValueError(f"the training state is damaged: {problem}")
+
         self.flow.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -373,6 +383,84 @@ class Trainer:
         self.best_state = state["best_state"]
         self.history = [Epoch(**e) for e in state["history"]]
         self.seconds = state["seconds"]
+
+    def _state_problem(self, state: dict[str, Any]) -> str | None:
+        """Say what in ``state`` does not fit this trainer, or return ``None``."""
+        fresh = self.state_dict()
+        for key in ("model", "best_state"):
+            if not _same_tensors(state[key], fresh[key]):
+                return f"its {key} does not match the model's tensors"
+        if not _same_tensors({"g": state["generator"]}, {"g": fresh["generator"]}):
+            return "its random generator state is not one"
+        epoch, best = state["epoch"], state["best_epoch"]
+        if not (_is_int(epoch) and 0 <= epoch <= self.recipe.epochs):
+            return f"its epoch {epoch!r} is not a count within the recipe's {self.recipe.epochs}"
+        if not (_is_int(best) and 0 <= best <= epoch):
+            return f"its best epoch {best!r} is not within its {epoch} epochs"
+        if not all(_is_number(state[key]) for key in ("best_nll", "seconds")):
+            return "its best NLL or seconds are not numbers"
+        names = {f.name for f in fields(Epoch)}
+        history = state["history"]
+        if not (
+            isinstance(history, list)
+            and len(history) == epoch
+            and all(isinstance(e, dict) and e.keys() == names for e in history)
+        ):
+            return f"its history is not a record of its {epoch} epochs"
+
+        optimizer, expected = state["optimizer"], fresh["optimizer"]
+        if not (isinstance(optimizer, dict) and optimizer.keys() == expected.keys()):
+            return "its optimizer state is not Adam's"
+        groups = optimizer["param_groups"]
+        if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)):
+            return "its optimizer state is not Adam's"
+        settings = {k: v for k, v in expected["param_groups"][0].items() if k != "lr"}
+        if {k: v for k, v in groups[0].items() if k != "lr"} != settings:
+            return "its optimizer settings differ from the run's recipe"
+        moments = optimizer["state"]
+        if not isinstance(moments, dict) or len(moments) > 1:
+            return "its optimizer state is not Adam's"
+        for moment in moments.values():
+            like = {"exp_avg": self.flat, "exp_avg_sq": self.flat}
+            if not (
+                isinstance(moment, dict)
+                and moment.keys() == {*like, "step"}
+                and _same_tensors({k: moment[k] for k in like}, like)
+                and isinstance(moment["step"], torch.Tensor)
+                and moment["step"].numel() == 1
+            ):
+                return "its optimizer moments do not match the parameters"
+
+        schedule, expected = state["scheduler"], fresh["scheduler"]
+        if not isinstance(schedule, dict) or schedule.keys() != expected.keys():
+            return "its learning-rate schedule is not the recipe's"
+        steady = ("T_max", "eta_min", "base_lrs")
+        if any(schedule[k] != expected[k] for k in steady) or schedule["last_epoch"] != epoch:
+            return "its learning-rate schedule is not the recipe's"
+
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _same_tensors(given: Any, expected: dict[str, torch.Tensor]) -> bool:
+    """Whether ``given`` maps the keys of ``expected`` to tensors of the same shapes and dtypes."""
+    return (
+        isinstance(given, dict)
+        and given.keys() == expected.keys()
+        and all(
+            isinstance(given[k], torch.Tensor)
+            and given[k].shape == v.shape
+            and given[k].dtype == v.dtype
+            for k, v in expected.items()
+        )
+    )
 
 
 def fit(

@@ -270,6 +270,11 @@ def resume(
 
     settings = TrainSettings.from_dict(payload["info"]["settings"])
     settings.out = out if out is not None else str(Path(path).parent)
+    if settings.data is not None and not Path(settings.data).exists():
+        raise DataError(
+            f"the run's data file {settings.data!r} is not found from {str(Path.cwd())!r}; a "
+            "relative path counts from the folder the run was started in, so resume from there"
+        )
     run = _prepare(settings)
     if payload["info"]["data_sha256"] != run.fingerprint:
         raise DataError(
