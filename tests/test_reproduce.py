@@ -8,15 +8,15 @@ import torch
 
 from exactflow import cli
 from exactflow.models import build
-from exactflow.train import Recipe, Trainer
+from exactflow.train import RECIPES, Recipe, Trainer
 
 
 @pytest.fixture(scope="module", name="tiny")
 def tiny_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """Planar flows on both datasets, 2 epochs, one worker."""
+    """Planar flows on both datasets by the ``long`` recipe cut to 2 epochs, one worker."""
     out = tmp_path_factory.mktemp("reproduce")
     argv = ["reproduce", "--models", "planar", "--seeds", "1", "--epochs", "2", "--jobs", "1"]
-    code = cli.main([*argv, "--out", str(out)])
+    code = cli.main([*argv, "--recipe", "long", "--out", str(out)])
 
     return out, code
 
@@ -26,7 +26,8 @@ def test_results_hold_the_recipe_and_every_field(tiny: tuple[Path, int]) -> None
     assert code == 0
     results = json.loads((out / "results.json").read_text())
 
-    assert results["recipe"] == {**Recipe().as_dict(), "epochs": 2}
+    assert results["recipe_name"] == "long"
+    assert results["recipe"] == {**RECIPES["long"].as_dict(), "epochs": 2}
     fields = {"entropy", "entropy_se", "gap", "test_nll_median", "outlier_share", "grid_mass"}
     assert {(r["model"], r["dataset"]) for r in results["runs"]} == {
         ("planar", "moons"),
@@ -41,8 +42,13 @@ def test_table_states_the_recipe(tiny: tuple[Path, int]) -> None:
     out, _ = tiny
     text = (out / "results.md").read_text()
 
-    assert "Recipe: 2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256" in text
+    assert "Recipe: long (2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256" in text
     assert "weight decay" not in text
+
+
+def test_the_named_recipes_differ_from_the_reference_only_as_documented() -> None:
+    assert RECIPES["reference"] == Recipe()
+    assert RECIPES["long"] == Recipe(epochs=2 * Recipe().epochs)
 
 
 def test_weight_decay_shrinks_a_weight_without_gradient(one_thread) -> None:
@@ -62,3 +68,15 @@ def test_weight_decay_shrinks_a_weight_without_gradient(one_thread) -> None:
     decayed = before * (1 - 0.1 * 0.5) ** 2
     torch.testing.assert_close(last[kept], decayed[kept])
     assert not torch.allclose(last[1 - kept], decayed[1 - kept]), "the free row had a gradient"
+
+
+def test_an_unknown_recipe_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "never"
+    code = cli.main(["reproduce", "--recipe", "fastest", "--out", str(out)])
+
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.count("\n") == 1 and "fastest" in error and "long" in error, error
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from exactflow import __version__, checkpoint, report
 from exactflow.data import DATASETS
 from exactflow.models import MODELS
-from exactflow.train import Recipe, TrainingDiverged, TrainingInterrupted
+from exactflow.train import RECIPES, Recipe, TrainingDiverged, TrainingInterrupted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,12 +85,18 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
-    """The options of the commands that train a grid of runs: epochs, first seed, jobs."""
+    """The options of the commands that train a grid of runs: recipe, epochs, seed, jobs."""
+    parser.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="reference",
+        help="the named training recipe (default: %(default)s; see exactflow.train.RECIPES)",
+    )
     parser.add_argument(
         "--epochs",
         type=_positive_int,
-        default=recipe.epochs,
-        help="epochs per run (default: %(default)s, the reference recipe)",
+        default=None,
+        help=f"epochs per run (default: the recipe's; {recipe.epochs} for the reference one)",
     )
     parser.add_argument(
         "--seed", type=_int, default=0, help="the first seed (default: %(default)s)"
@@ -295,6 +302,13 @@ def _parser() -> _Parser:
     return parser
 
 
+def _run_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe named by ``--recipe``, with ``--epochs`` when given."""
+    recipe = RECIPES[args.recipe]
+
+    return recipe if args.epochs is None else dataclasses.replace(recipe, epochs=args.epochs)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from exactflow.experiments import MODELS as REFERENCE_MODELS
     from exactflow.experiments import reproduce
@@ -310,7 +324,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         )
     results = reproduce(
         args.out,
-        Recipe(epochs=args.epochs),
+        _run_recipe(args),
+        recipe_name=args.recipe,
         seeds=seeds,
         first_seed=args.seed,
         jobs=args.jobs,
@@ -510,7 +525,7 @@ def _zoo(args: argparse.Namespace) -> int:
         args.out,
         args.models or list(MODELS),
         args.datasets or list(DATASETS),
-        Recipe(epochs=args.epochs),
+        _run_recipe(args),
         seeds=args.seeds,
         jobs=args.jobs,
         first_seed=args.seed,
