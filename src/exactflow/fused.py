@@ -214,6 +214,9 @@ class _PlanarStack:
         self.u = _Weights([layer.u for layer in layers])
         self.b = _Weights([layer.b for layer in layers])
         self.live = self.w.live and self.u.live and self.b.live
+        # One view per layer, taken once: as views they follow the training.
+        self.w_rows = self.w.value.unbind(0)
+        self.b_rows = self.b.value.unbind(0)
 
     def _u_hat(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Return ``u_hat``, ``c = w^T u_hat`` and what the backward pass of both needs."""
@@ -228,13 +231,12 @@ class _PlanarStack:
     def forward(self, x: Tensor, save: bool) -> tuple[Tensor, Tensor]:
         """Return ``(y, log_det)``; with ``save``, keep what the backward pass needs."""
         u_hat, c, wu, ww, coefficient = self._u_hat()
-        w, b = self.w.value, self.b.value
         inputs, tanhs = [], []
-        for k in range(len(w)):
+        for w, b, u in zip(self.w_rows, self.b_rows, u_hat.unbind(0), strict=True):
             inputs.append(x)
-            h = torch.tanh(torch.addmv(b[k], x, w[k]))
+            h = torch.tanh(torch.addmv(b, x, w))
             tanhs.append(h)
-            x = torch.addr(x, h, u_hat[k])
+            x = torch.addr(x, h, u)
         h = torch.stack(tanhs)
         q = 1.0 - h.square()
         log_det = torch.log1p(q * c.unsqueeze(1)).sum(0)
@@ -256,11 +258,14 @@ class _PlanarStack:
 
         grad_outputs, grad_a = [], []
         grad = grad_y
-        for k in reversed(range(len(w))):
+        layers = zip(
+            self.w_rows, u_hat.unbind(0), q.unbind(0), grad_h_log_det.unbind(0), strict=True
+        )
+        for w_k, u_k, q_k, grad_h_k in reversed(list(layers)):
             grad_outputs.append(grad)
-            g = torch.addmv(grad_h_log_det[k], grad, u_hat[k]) * q[k]
+            g = torch.addmv(grad_h_k, grad, u_k) * q_k
             grad_a.append(g)
-            grad = torch.addr(grad, g, w[k])
+            grad = torch.addr(grad, g, w_k)
         grad_outputs = torch.stack(grad_outputs[::-1])
         grad_a = torch.stack(grad_a[::-1])
 

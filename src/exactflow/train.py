@@ -179,6 +179,10 @@ class Trainer:
     its weights are kept. With ``patience``, training stops once that many epochs pass without
     a new best.
 
+    The flow's parameters move into one flat buffer (see :func:`flatten_parameters`) until
+    :meth:`best_flow`. Flows whose layers all have fast passes (:func:`exactflow.fused.fuse`)
+    take their gradients from those; the others from autograd.
+
     Args:
         flow: the model, trained in place.
         x: training rows of shape ``(n, d)``, already standardized.
