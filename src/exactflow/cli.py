@@ -126,8 +126,9 @@ def _parser() -> _Parser:
             "planar flows (160 parameters) on Two Moons and Two Circles with the reference "
             f"recipe ({recipe.epochs} epochs, Adam at {recipe.lr:g} cosine-annealed to "
             f"{recipe.lr_min:g}, batch {recipe.batch_size}, gradient norm clipped at "
-            f"{recipe.clip:g}, best epoch kept), then report held-out NLL against the published "
-            "figures and the entropy of the true density, with figures."
+            f"{recipe.clip:g}, best epoch kept) or a named variant (--recipe long: twice the "
+            "epochs), then report held-out NLL against the published figures and the entropy "
+            "of the true density, with figures."
         ),
     )
     reproduce.add_argument(
@@ -275,9 +276,9 @@ def _parser() -> _Parser:
         help="train every chosen model on every chosen dataset; one table and one figure",
         description=(
             "Train each chosen model on each chosen built-in dataset with the reference recipe "
-            "(or --epochs), then write zoo.json, zoo.md (held-out NLL per model and dataset "
-            "against the entropy floor where one exists) and zoo.png (true density or data, "
-            "then each model's learned density) into --out."
+            "(or --recipe, --epochs), then write zoo.json, zoo.md (held-out NLL per model and "
+            "dataset against the entropy floor where one exists) and zoo.png (true density or "
+            "data, then each model's learned density) into --out."
         ),
     )
     zoo.add_argument(
