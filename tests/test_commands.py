@@ -138,6 +138,8 @@ def test_train_on_csv_with_header_writes_the_run_folder(
     assert payload["model"]["dim"] == 2, "the header row was taken for a data row"
     train_rows = round(ROWS * 0.9)
     assert len(payload["train_log_density"]) == train_rows, "expected a 90/10 split of 300 rows"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == ROWS and summary["validation_rows"] == ROWS - train_rows
     # The standardization is fitted in raw units: its mean is near the data's mean.
     mean = np.array(payload["standardizer"]["mean"])
     assert np.all(np.abs(mean - trained["rows"].mean(0)) < 0.2 * trained["rows"].std(0)), (

@@ -186,7 +186,9 @@ def _parser() -> _Parser:
         help=f"rows per batch, at least 2 (default: {recipe.batch_size})",
     )
     train.add_argument(
-        "--lr", type=_float, help=f"Adam's initial learning rate (default: {recipe.lr:g})"
+        "--lr",
+        type=_float,
+        help=f"Adam's initial learning rate, in (0, 1] (default: {recipe.lr:g})",
     )
     train.add_argument(
         "--weight-decay",
@@ -446,10 +448,12 @@ def _train(args: argparse.Namespace) -> int:
     dropped = (
         f", {summary['rows_dropped']} invalid rows dropped" if summary["rows_dropped"] else ""
     )
+    held_out = summary["validation_rows"]
+    scored = f"validation NLL ({held_out} rows held out)" if held_out else "training NLL"
     print(
         f"trained {summary['model']} ({summary['parameters']:,} parameters) on "
         f"{summary['rows']} rows × {summary['columns']} columns{dropped}: best epoch "
-        f"{summary['best_epoch']} of {summary['epochs_done']}{stopped}, NLL "
+        f"{summary['best_epoch']} of {summary['epochs_done']}{stopped}, {scored} "
         f"{summary['best_nll_data_units']:.4f} nats per row in the data's units "
         f"({summary['best_nll']:.4f} standardized); written to {summary['out']}/"
     )

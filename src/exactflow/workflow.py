@@ -326,14 +326,14 @@ def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
     _save_best(run, out / MODEL_FILE)
     _write_metrics(out / METRICS_FILE, run.trainer)
     flow = run.trainer.best_flow()
-    rows = len(run.train)
-    if run.trainer.validation is not None:
-        rows += len(run.trainer.validation)
+    validation_rows = 0 if run.trainer.validation is None else len(run.trainer.validation)
+    rows = len(run.train) + validation_rows
 
     summary = {
         "model": settings.model,
         "parameters": count_parameters(flow),
         "rows": rows,
+        "validation_rows": validation_rows,
         "rows_dropped": run.dropped,
         "columns": run.dim,
         "best_epoch": result.best_epoch,
