@@ -64,7 +64,7 @@ class Recipe:
 
 #: The named recipes, for ``reproduce --recipe`` and ``zoo --recipe``. ``reference`` is the
 #: recipe of the published figures. ``long`` is the same recipe over twice as many epochs:
-#: RealNVP on Two Circles is still improving after 1,000 epochs, and under the reference
+#: RealNVP on Two Circles underfits after 1,000 epochs, and under the reference
 #: recipe its seeds end far apart (README, "The reference experiments").
 RECIPES: dict[str, Recipe] = {
     "reference": Recipe(),
