@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -806,13 +807,20 @@ def test_files_that_are_no_checkpoint_get_a_short_reason(
     assert len(str(raised.value)) - len(str(path)) < 160, "the reason is not short"
 
 
+def _edited_checkpoint(trained: dict, tmp_path: Path, edit: Callable[[dict], dict]) -> Path:
+    """Write the trained checkpoint's payload, changed by ``edit``, to a file of its own."""
+    payload = torch.load(trained["model"], map_location="cpu", weights_only=True)
+    path = tmp_path / "edited.pt"
+    torch.save(edit(payload), path)
+
+    return path
+
+
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_incompatible_checkpoints_are_refused_with_the_reason(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
 ) -> None:
-    payload = torch.load(trained["model"], map_location="cpu", weights_only=True)
-    path = tmp_path / "edited.pt"
-    torch.save(_edit(payload, change), path)
+    path = _edited_checkpoint(trained, tmp_path, lambda p: _edit(p, change))
 
     with pytest.raises(CheckpointError) as raised:
         checkpoint.load(path)
@@ -837,9 +845,7 @@ MALFORMED = {
 def test_malformed_checkpoint_fields_are_refused(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
 ) -> None:
-    payload = torch.load(trained["model"], map_location="cpu", weights_only=True)
-    path = tmp_path / "edited.pt"
-    torch.save(MALFORMED[change](payload), path)
+    path = _edited_checkpoint(trained, tmp_path, MALFORMED[change])
 
     with pytest.raises(CheckpointError):
         checkpoint.load(path)

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from exactflow.flow import Flow
-from exactflow.fused import fuse, parameter_order
+from exactflow.fused import FusedFlow, fuse, parameter_order
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,15 +90,22 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 @torch.no_grad()
-def evaluate_nll(flow: Flow, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def evaluate_nll(
+    flow: Flow, x: torch.Tensor, chunk: int = 2048, fused: FusedFlow | None = None
+) -> torch.Tensor:
     """Return the per-point negative log-likelihood of ``x`` in evaluation mode.
 
     The model's train/eval flag is restored afterwards, so evaluation never changes the model.
+    ``fused`` passes the flow's fast passes when the caller already holds them (as
+    :class:`Trainer` does, scoring every epoch); otherwise they are set up here.
     """
     was_training = flow.training
     flow.eval()
     x = flow.cast(x)
-    fused = fuse(flow) if x.dim() == 2 and x.shape[-1] == flow.dim else None
+    if x.dim() != 2 or x.shape[-1] != flow.dim:
+        fused = None
+    elif fused is None:
+        fused = fuse(flow)
     log_prob = flow.log_prob if fused is None else fused.log_prob
     try:
         nll = torch.cat([-log_prob(part) for part in x.split(chunk)])
@@ -218,8 +225,7 @@ class Trainer:
         names = {id(p): name for name, p in flow.named_parameters()}
         self.layout = [names[id(p)] for p in parameter_order(flow)]
         self.flat = flatten_parameters(flow)
-        fused = fuse(flow)
-        self.fused = fused if fused is not None and fused.trainable else None
+        self.fused = fuse(flow)
         self.optimizer = torch.optim.Adam(
             [self.flat],
             lr=recipe.lr,
@@ -256,7 +262,7 @@ class Trainer:
             TrainingDiverged: when the loss or the gradient norm is not finite.
         """
         self.flat.grad.zero_()
-        if self.fused is not None:
+        if self.fused is not None and self.fused.trainable:
             loss = self.fused.loss_backward(batch)
         else:
             loss = -self.flow.log_prob(batch).mean()
@@ -295,10 +301,10 @@ class Trainer:
         self.scheduler.step()
 
         # Score the epoch in evaluation mode; keep the best weights.
-        train_nll = evaluate_nll(self.flow, self.data).mean().item()
+        train_nll = evaluate_nll(self.flow, self.data, fused=self.fused).mean().item()
         val_nll = math.nan
         if self.validation is not None:
-            val_nll = evaluate_nll(self.flow, self.validation).mean().item()
+            val_nll = evaluate_nll(self.flow, self.validation, fused=self.fused).mean().item()
         score = train_nll if self.validation is None else val_nll
         if score < self.best_nll:
             self.best_nll, self.best_epoch = score, self.epoch
