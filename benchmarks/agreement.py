@@ -13,7 +13,6 @@ their difference. Runs train in parallel processes, one thread each.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import statistics
 import sys
@@ -140,23 +139,9 @@ def table(runs: Sequence[Run], results: Sequence[Result], epochs: int) -> str:
     return "\n".join([*lines, "", note])
 
 
-def parse_args() -> argparse.Namespace:
-    """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1000, help="epochs (default 1000)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds from 0 (default 3)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
-    args = parser.parse_args()
-    for name in ("epochs", "seeds", "jobs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-
-    return args
-
-
 def main() -> None:
     """Train every run both ways and print the table."""
-    args = parse_args()
+    args = reference.training_options(__doc__.splitlines()[0])
     runs = run_grid(MODELS, DATASETS, args.seeds)
     results = train_all(runs, args.epochs, args.jobs)
     print(table(runs, results, args.epochs))

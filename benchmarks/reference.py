@@ -10,11 +10,13 @@ Each model gives :math:`\log p(x) = \log \mathcal N(z; 0, I) + \sum_k \log |\det
 the data pushed through the layers in order. The models draw their initial weights in the same
 order as exactflow's, so after the same ``torch.manual_seed`` both start from the same point.
 
-This module has no command of its own: ``train_speed.py`` and ``agreement.py`` use it.
+This module has no command of its own: the benchmark scripts use it, and its
+:func:`training_options` reads the command line of those that train runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -270,3 +272,17 @@ def train(model: Flow, x_train: np.ndarray | Tensor, epochs: int, seed: int) -> 
     model.eval()
 
     return model
+
+
+def training_options(description: str) -> argparse.Namespace:
+    """Read ``--epochs``, ``--seeds`` and ``--jobs`` of a script that trains runs by the recipe."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=1000, help="epochs (default 1000)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds from 0 (default 3)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    args = parser.parse_args()
+    for name in ("epochs", "seeds", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+    return args

@@ -1,16 +1,20 @@
 """The benchmark scripts run: a smoke run of each, checked for its table."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script: str, *args: str) -> str:
+def _start(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+
+    return subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
@@ -18,6 +22,10 @@ def _run(script: str, *args: str) -> str:
         timeout=600,
         check=False,
     )
+
+
+def _run(script: str, *args: str) -> str:
+    done = _start(script, *args)
     assert done.returncode == 0, done.stderr[-2000:]
 
     return done.stdout
@@ -38,3 +46,21 @@ def test_agreement_smoke_run_compares_both_implementations() -> None:
 
     for model, dataset in [("realnvp", "moons"), ("planar", "circles")]:
         assert f"| {model} | {dataset} | 0 |" in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zuko") is None, reason="zuko is not installed")
+def test_nsf_against_zuko_smoke_run_prints_both() -> None:
+    out = _run("nsf_vs_zuko.py", "--epochs", "1", "--seeds", "1", "--jobs", "1")
+
+    assert "| zuko NSF (44,052 params) | exactflow nsf (35,106 params) |" in out, out
+    for dataset in ("moons", "circles"):
+        assert f"| {dataset} | 0 |" in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zuko") is not None, reason="zuko is installed")
+def test_nsf_against_zuko_without_zuko_says_so_in_one_line() -> None:
+    done = _start("nsf_vs_zuko.py", "--epochs", "1")
+
+    assert done.returncode != 0
+    message = "nsf_vs_zuko.py: zuko is not installed: pip install --no-deps zuko"
+    assert done.stderr.strip() == message

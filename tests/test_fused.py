@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from exactflow.bijections import AffineCouplingLayer, BatchNormFlow, PlanarFlow
+from exactflow.bijections import (
+    ActNorm,
+    AffineCouplingLayer,
+    BatchNormFlow,
+    LULinear,
+    PlanarFlow,
+    RadialFlow,
+)
 from exactflow.flow import Flow
 from exactflow.fused import fuse, parameter_order
 from exactflow.models import build
@@ -15,13 +22,18 @@ from exactflow.train import Recipe, Trainer, evaluate_nll, flatten_parameters
 
 
 def mixed(dim: int) -> Flow:
-    """Planar runs around a coupling and a batch norm: every kind of segment, both masks."""
+    """Planar and radial runs around couplings and normalising layers: every kind of segment."""
     layers = [
         PlanarFlow(dim),
         PlanarFlow(dim),
         AffineCouplingLayer(dim, parity=1, hidden=16),
+        ActNorm(dim),
+        LULinear(dim),
+        RadialFlow(dim),
+        RadialFlow(dim),
         BatchNormFlow(dim),
         PlanarFlow(dim),
+        RadialFlow(dim),
         AffineCouplingLayer(dim, parity=0, hidden=16),
     ]
     return Flow(layers, dim)
@@ -32,6 +44,11 @@ FLOWS = {
     "realnvp-5d": lambda: build("realnvp", 5, blocks=3, hidden=16),
     "planar-2d": lambda: build("planar", 2),
     "planar-3d": lambda: build("planar", 3, K=5),
+    "radial-2d": lambda: build("radial", 2),
+    "radial-3d": lambda: build("radial", 3, K=5),
+    # Eight perturbed glow blocks grow gradients to hundreds, past 1e-5 by float32 rounding.
+    "glow-2d": lambda: build("glow", 2, blocks=3),
+    "glow-4d": lambda: build("glow", 4, blocks=3, hidden=16),
     "mixed-2d": lambda: mixed(2),
     "mixed-3d": lambda: mixed(3),
 }
@@ -48,6 +65,8 @@ def perturbed(name: str, dtype: torch.dtype) -> Flow:
             if isinstance(layer, BatchNormFlow):
                 layer.running_mean.normal_(0.0, 0.3)
                 layer.running_var.uniform_(0.5, 2.0)
+            if isinstance(layer, ActNorm):
+                layer.initialized.fill_(True)
 
     return flow
 
@@ -147,6 +166,22 @@ def test_a_training_step_clips_the_same_gradient_as_the_readable_path(one_thread
     torch.testing.assert_close(fast.flat.grad, slow.flat.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_actnorm_initialises_from_the_first_batch_as_the_readable_layer_does(one_thread):
+    torch.manual_seed(0)
+    flow = build("glow", 3, blocks=2, hidden=8).double()
+    twin = copy.deepcopy(flow)
+    x = 2.0 * points(3, torch.float64) + 1.0
+    loss, grads = autograd_reference(flow, x)
+
+    flatten_parameters(twin)
+    twin.train()
+    torch.testing.assert_close(fuse(twin).loss_backward(x), loss, atol=1e-10, rtol=1e-10)
+    assert all(bool(layer.initialized) for layer in twin.layers if isinstance(layer, ActNorm))
+    for key, p in twin.named_parameters():
+        torch.testing.assert_close(p, dict(flow.named_parameters())[key], msg=key)
+        torch.testing.assert_close(p.grad, grads[key], atol=1e-10, rtol=1e-10, msg=key)
+
+
 def test_layers_without_fast_passes_train_through_autograd(one_thread):
     flow = build("nsf", 2)
     assert fuse(flow) is None
@@ -155,7 +190,7 @@ def test_layers_without_fast_passes_train_through_autograd(one_thread):
     assert trainer.run_epoch().loss > 0
 
 
-@pytest.mark.parametrize("name", ["realnvp", "planar", "glow", "nsf"])
+@pytest.mark.parametrize("name", ["realnvp", "planar", "radial", "glow", "nsf"])
 def test_parameter_order_holds_every_parameter_once(name):
     flow = build(name, 3)
     ordered = parameter_order(flow)

@@ -49,6 +49,7 @@ def test_table_states_the_recipe(tiny: tuple[Path, int]) -> None:
 def test_the_named_recipes_differ_from_the_reference_only_as_documented() -> None:
     assert RECIPES["reference"] == Recipe()
     assert RECIPES["long"] == Recipe(epochs=2 * Recipe().epochs)
+    assert RECIPES["short"] == Recipe(epochs=Recipe().epochs // 5)
 
 
 def test_weight_decay_shrinks_a_weight_without_gradient(one_thread) -> None:

@@ -114,3 +114,10 @@ def test_table_gives_mean_and_std_over_seeds() -> None:
         lines[3] == "| planar | 160 | 2.1000 ± 0.1414 (gap +0.2000 ± 0.1414) | 2.6000 ± 0.1414 ⚠ |"
     )
     assert "2 seeds, mean ± standard deviation over seeds" in text and "⚠:" in text
+
+
+def test_zoo_defaults_to_the_short_recipe_and_reproduce_to_the_reference_one() -> None:
+    parser = cli._parser()
+
+    assert parser.parse_args(["zoo"]).recipe == "short"
+    assert parser.parse_args(["reproduce"]).recipe == "reference"

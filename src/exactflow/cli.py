@@ -84,19 +84,19 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
 
 
-def _add_run_options(parser: argparse.ArgumentParser, recipe: Recipe) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     """The options of the commands that train a grid of runs: recipe, epochs, seed, jobs."""
     parser.add_argument(
         "--recipe",
         choices=list(RECIPES),
-        default="reference",
+        default=recipe,
         help="the named training recipe (default: %(default)s; see exactflow.train.RECIPES)",
     )
     parser.add_argument(
         "--epochs",
         type=_positive_int,
         default=None,
-        help=f"epochs per run (default: the recipe's; {recipe.epochs} for the reference one)",
+        help=f"epochs per run (default: the recipe's; {RECIPES[recipe].epochs} for {recipe})",
     )
     parser.add_argument(
         "--seed", type=_int, default=0, help="the first seed (default: %(default)s)"
@@ -138,7 +138,7 @@ def _parser() -> _Parser:
         help="output folder for results.json, results.md, checkpoints and figures "
         "(default: %(default)s)",
     )
-    _add_run_options(reproduce, recipe)
+    _add_run_options(reproduce, "reference")
     reproduce.add_argument(
         "--seeds",
         type=_positive_int,
@@ -277,8 +277,9 @@ def _parser() -> _Parser:
         "zoo",
         help="train every chosen model on every chosen dataset; one table and one figure",
         description=(
-            "Train each chosen model on each chosen built-in dataset with the reference recipe "
-            "(or --recipe, --epochs), then write zoo.json, zoo.md (held-out NLL per model and "
+            "Train each chosen model on each chosen built-in dataset with the short recipe "
+            f"(the reference one over {RECIPES['short'].epochs} epochs; or --recipe, --epochs), "
+            "then write zoo.json, zoo.md (held-out NLL per model and "
             "dataset against the entropy floor where one exists) and zoo.png (true density or "
             "data, then each model's learned density) into --out."
         ),
@@ -294,7 +295,7 @@ def _parser() -> _Parser:
     zoo.add_argument(
         "--seeds", type=_positive_int, default=1, help="seeds per run (default: %(default)s)"
     )
-    _add_run_options(zoo, recipe)
+    _add_run_options(zoo, "short")
     zoo.add_argument(
         "--out",
         type=Path,

@@ -1,11 +1,11 @@
-r"""Hand-derived passes for training planar and RealNVP stacks at the speed of the hardware.
+r"""Hand-derived training passes for planar, radial and RealNVP stacks, at hardware speed.
 
 The layers in :mod:`exactflow.bijections` are the source of truth: readable, one module per
 family, differentiated by autograd. On the tiny networks of the reference experiments, autograd
 and the per-operation overhead of eager PyTorch cost several times more than the arithmetic.
 This module computes the same mathematics with far fewer operations, for flows built from
-:class:`~exactflow.bijections.AffineCouplingLayer`, :class:`~exactflow.bijections.BatchNormFlow`
-and :class:`~exactflow.bijections.PlanarFlow`:
+:class:`~exactflow.bijections.AffineCouplingLayer`, :class:`~exactflow.bijections.BatchNormFlow`,
+:class:`~exactflow.bijections.PlanarFlow` and :class:`~exactflow.bijections.RadialFlow`:
 
 * the scale and shift networks of a coupling layer run as one batched product, and only the
   columns and rows that the mask lets matter are multiplied (the kept coordinates feed the
@@ -13,6 +13,8 @@ and :class:`~exactflow.bijections.PlanarFlow`:
 * a run of planar layers does three operations per layer forward and three backward; the
   reparametrisation of :math:`\hat u`, the log-dets and the parameter gradients are computed
   for all layers at once;
+* a run of radial layers computes per layer only the products with the offsets from the
+  centres; the log-dets and all derivatives in the radii come for all layers at once;
 * the backward pass of the mean negative log-likelihood is written out by hand and writes each
   gradient straight into the parameters' ``.grad``, without an autograd graph.
 
@@ -28,7 +30,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exactflow.bijections import AffineCouplingLayer, BatchNormFlow, Bijection, PlanarFlow
+from exactflow.bijections import (
+    ActNorm,
+    AffineCouplingLayer,
+    BatchNormFlow,
+    Bijection,
+    LULinear,
+    PlanarFlow,
+    RadialFlow,
+)
 from exactflow.flow import Flow, standard_normal_log_prob
 
 _leaky_relu_backward = torch.ops.aten.leaky_relu_backward
@@ -205,6 +215,90 @@ class _BatchNorm:
         return inv_std * (grad_x_hat - grad_x_hat.mean(0) - x_hat * centred)
 
 
+class _ActNorm:
+    """An actnorm layer; a first training batch initialises it, as in the readable layer."""
+
+    def __init__(self, layer: ActNorm) -> None:
+        self.layer = layer
+        self.layers = 1
+        self.log_scale = _Weights([layer.log_scale])
+        self.shift = _Weights([layer.shift])
+        self.live = self.log_scale.live and self.shift.live
+
+    def forward(self, x: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+        """Return ``(y, log_det)``; with ``save``, keep what the backward pass needs."""
+        if self.layer.training and not self.layer.initialized:
+            self.layer._initialize(x)
+        log_scale = self.log_scale.value[0]
+        scale = torch.exp(log_scale)
+        if save:
+            self.saved = (x, scale)
+
+        return torch.addcmul(self.shift.value[0], x, scale), log_scale.sum()
+
+    def backward(self, grad_y: Tensor, grad_log_det: float) -> Tensor:
+        """Write the parameter gradients; return the gradient with respect to the input."""
+        x, scale = self.saved
+        del self.saved
+        self.shift.grad[0].copy_(grad_y.sum(0))
+        grad_log_scale = torch.linalg.vecdot(grad_y.mT, x.mT) * scale
+        self.log_scale.grad[0].copy_(grad_log_scale + grad_log_det * grad_y.shape[0])
+
+        return grad_y * scale
+
+
+class _LULinear:
+    r"""An LU-factored linear layer :math:`y = x W^\top`, :math:`W = P L U`, by hand both ways."""
+
+    def __init__(self, layer: LULinear) -> None:
+        self.layers = 1
+        self.dim = layer.dim
+        self.lower = _Weights([layer.lower])
+        self.upper = _Weights([layer.upper])
+        self.log_abs_diagonal = _Weights([layer.log_abs_diagonal])
+        self.live = self.lower.live and self.upper.live and self.log_abs_diagonal.live
+        self.sign = layer.sign
+        self.permutation = layer.permutation
+        self.unpermutation = torch.argsort(layer.permutation)
+        reference = layer.log_abs_diagonal
+        self.rows, self.cols = torch.tril_indices(
+            layer.dim, layer.dim, -1, device=reference.device
+        )
+        self.eye = torch.eye(layer.dim, dtype=reference.dtype, device=reference.device)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``L``, ``U`` with its diagonal, and that diagonal."""
+        diagonal = self.sign * torch.exp(self.log_abs_diagonal.value[0])
+        lower = self.eye.index_put((self.rows, self.cols), self.lower.value[0])
+        upper = torch.diag(diagonal).index_put_((self.cols, self.rows), self.upper.value[0])
+
+        return lower, upper, diagonal
+
+    def forward(self, x: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+        """Return ``(y, log_det)``; with ``save``, keep what the backward pass needs."""
+        lower, upper, diagonal = self._factors()
+        weight = (lower @ upper)[self.permutation]
+        if save:
+            self.saved = (x, lower, upper, diagonal, weight)
+
+        return x @ weight.T, self.log_abs_diagonal.value[0].sum()
+
+    def backward(self, grad_y: Tensor, grad_log_det: float) -> Tensor:
+        """Write the parameter gradients; return the gradient with respect to the input."""
+        x, lower, upper, diagonal, weight = self.saved
+        del self.saved
+        # With M = L U and W = M[P]: dM = dW[P^-1], dL = dM U^T, dU = L^T dM.
+        grad_product = (grad_y.T @ x)[self.unpermutation]
+        grad_lower = grad_product @ upper.T
+        grad_upper = lower.T @ grad_product
+        self.lower.grad[0].copy_(grad_lower[self.rows, self.cols])
+        self.upper.grad[0].copy_(grad_upper[self.cols, self.rows])
+        grad_diagonal = torch.diagonal(grad_upper) * diagonal + grad_log_det * grad_y.shape[0]
+        self.log_abs_diagonal.grad[0].copy_(grad_diagonal)
+
+        return grad_y @ weight
+
+
 class _PlanarStack:
     """A run of planar layers: three operations per layer each way, the rest for all at once."""
 
@@ -288,7 +382,87 @@ class _PlanarStack:
         return grad
 
 
-_Segment = _Coupling | _BatchNorm | _PlanarStack
+class _RadialStack:
+    r"""A run of radial layers: six operations per layer forward, four backward.
+
+    Layer :math:`k` maps :math:`x` to :math:`z_0 + s\,(x - z_0)` with :math:`r = \lVert x - z_0
+    \rVert` and :math:`s = (c + r) / (a + r)`, where :math:`a = \alpha` and :math:`c = \alpha +
+    \beta` (see :class:`~exactflow.bijections.RadialFlow`). Only the products with the offsets
+    run per layer; the log-dets and every derivative in :math:`r`, :math:`a` and :math:`c` are
+    computed for all layers at once.
+    """
+
+    def __init__(self, layers: Sequence[RadialFlow]) -> None:
+        self.layers = len(layers)
+        self.dim = layers[0].dim
+        self.z0 = _Weights([layer.z0 for layer in layers])
+        self.alpha_tilde = _Weights([layer.alpha_tilde for layer in layers])
+        self.beta_tilde = _Weights([layer.beta_tilde for layer in layers])
+        self.live = self.z0.live and self.alpha_tilde.live and self.beta_tilde.live
+        self.z0_rows = self.z0.value.unbind(0)
+
+    def forward(self, x: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+        """Return ``(y, log_det)``; with ``save``, keep what the backward pass needs."""
+        a = torch.nn.functional.softplus(self.alpha_tilde.value)
+        c = torch.nn.functional.softplus(self.beta_tilde.value)
+        offsets, radii = [], []
+        for z0, a_k, c_k in zip(self.z0_rows, a.unbind(0), c.unbind(0), strict=True):
+            offset = x - z0
+            r = torch.linalg.vector_norm(offset, dim=1)
+            offsets.append(offset)
+            radii.append(r)
+            x = torch.addcmul(z0, ((c_k + r) / (a_k + r)).unsqueeze(1), offset)
+        r = torch.stack(radii)
+        log_a_r = torch.log(a + r)
+        along = torch.addcmul(a * c, r, 2.0 * a + r)
+        log_det = (self.dim - 1) * (torch.log(c + r) - log_a_r) + torch.log(along) - 2.0 * log_a_r
+        if save:
+            self.saved = (torch.stack(offsets), r, a, c, along)
+
+        return x, log_det.sum(0)
+
+    def backward(self, grad_y: Tensor, grad_log_det: float) -> Tensor:
+        """Write the parameter gradients; return the gradient with respect to the input."""
+        offsets, r, a, c, along = self.saved
+        del self.saved
+        d = self.dim - 1
+        inv_a_r = 1.0 / (a + r)
+        inv_c_r = 1.0 / (c + r)
+        s = (c + r) * inv_a_r
+        # Per unit of offset: at r = 0 the offset is zero and so is its term, as in autograd.
+        inv_r = 1.0 / r.clamp_min(torch.finfo(r.dtype).tiny)
+        ds_dr = (a - c) * inv_a_r.square() * inv_r
+        dlog_det_dr = d * (inv_c_r - inv_a_r) + 2.0 * (a + r) / along - 2.0 * inv_a_r
+        radial_term = grad_log_det * dlog_det_dr * inv_r
+
+        grads, dots = [grad_y], []
+        grad = grad_y
+        layers = zip(
+            offsets.unbind(0), s.unbind(0), ds_dr.unbind(0), radial_term.unbind(0), strict=True
+        )
+        for offset, s_k, ds_dr_k, radial_k in reversed(list(layers)):
+            dot = torch.linalg.vecdot(grad, offset)
+            dots.append(dot)
+            coefficient = torch.addcmul(radial_k, ds_dr_k, dot)
+            grad = torch.addcmul(s_k.unsqueeze(1) * grad, coefficient.unsqueeze(1), offset)
+            grads.append(grad)
+        dots = torch.stack(dots[::-1])
+        sums = torch.stack(grads[::-1]).sum(1)
+
+        grad_a = (-dots * s * inv_a_r).sum(1, keepdim=True) + grad_log_det * (
+            (-(d + 2.0) * inv_a_r + (2.0 * r + c) / along).sum(1, keepdim=True)
+        )
+        grad_c = (dots * inv_a_r).sum(1, keepdim=True) + grad_log_det * (
+            (d * inv_c_r + a / along).sum(1, keepdim=True)
+        )
+        self.z0.grad.copy_(sums[1:] - sums[:-1])
+        self.alpha_tilde.grad.copy_(grad_a * torch.sigmoid(self.alpha_tilde.value))
+        self.beta_tilde.grad.copy_(grad_c * torch.sigmoid(self.beta_tilde.value))
+
+        return grad
+
+
+_Segment = _Coupling | _BatchNorm | _ActNorm | _LULinear | _PlanarStack | _RadialStack
 
 
 class FusedFlow:
@@ -347,25 +521,29 @@ class FusedFlow:
 def fuse(flow: Flow) -> FusedFlow | None:
     """Return the fast passes of ``flow``, or ``None`` when a layer has no fast form.
 
-    Affine couplings (with the reference networks), batch-norm flows and planar layers have
-    one; consecutive planar layers are fused into one stack.
+    Affine couplings (with the reference networks), batch-norm flows, actnorm, LU-factored
+    linear layers, planar and radial layers have one; consecutive planar layers are fused into
+    one stack, as are consecutive radial ones.
     """
     segments: list[_Segment] = []
-    planar: list[PlanarFlow] = []
-    layer: Bijection
+    run: list[Bijection] = []
     for layer in [*flow.layers, None]:
-        if isinstance(layer, PlanarFlow):
-            planar.append(layer)
-            continue
-        if planar:
-            segments.append(_PlanarStack(planar))
-            planar = []
+        if run and type(layer) is not type(run[0]):
+            stack = _PlanarStack if isinstance(run[0], PlanarFlow) else _RadialStack
+            segments.append(stack(run))
+            run = []
         if layer is None:
             break
-        if isinstance(layer, AffineCouplingLayer) and _reference_nets(layer):
+        if isinstance(layer, PlanarFlow | RadialFlow):
+            run.append(layer)
+        elif isinstance(layer, AffineCouplingLayer) and _reference_nets(layer):
             segments.append(_Coupling(layer))
         elif isinstance(layer, BatchNormFlow):
             segments.append(_BatchNorm(layer))
+        elif isinstance(layer, ActNorm):
+            segments.append(_ActNorm(layer))
+        elif isinstance(layer, LULinear):
+            segments.append(_LULinear(layer))
         else:
             return None
 
