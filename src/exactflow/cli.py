@@ -535,6 +535,7 @@ def _zoo(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         jobs=args.jobs,
         first_seed=args.seed,
+        recipe_name=args.recipe,
     )
     print((args.out / TABLE_FILE).read_text(), end="")
     print(

@@ -226,24 +226,12 @@ def table(summary: Sequence[dict[str, Any]], recipe_name: str, recipe: Recipe) -
         f"over seeds, sum of the model density over a {MASS_GRID_POINTS} × {MASS_GRID_POINTS} "
         f"grid covering the data with a margin of {MASS_GRID_MARGIN} "
         "(1 for a normalised density).",
-        f"Recipe: {recipe_name} ({_describe(recipe)}).",
+        f"Recipe: {recipe_name} ({recipe.describe()}).",
     ]
     if flagged:
         notes.append(f"⚠: grid mass differs from 1 by more than {MASS_TOLERANCE}.")
 
     return "\n".join([*lines, *notes]) + "\n"
-
-
-def _describe(recipe: Recipe) -> str:
-    """One line of the recipe's settings."""
-    text = (
-        f"{recipe.epochs} epochs, Adam at {recipe.lr:g} cosine-annealed to {recipe.lr_min:g}, "
-        f"batch {recipe.batch_size}, gradient norm clipped at {recipe.clip:g}"
-    )
-    if recipe.weight_decay:
-        text += f", decoupled weight decay {recipe.weight_decay:g}"
-
-    return text + ", best epoch kept"
 
 
 def figures(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:

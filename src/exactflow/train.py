@@ -61,6 +61,17 @@ class Recipe:
         """Return the recipe as a plain dictionary."""
         return asdict(self)
 
+    def describe(self) -> str:
+        """Return the recipe's settings in one line of words."""
+        text = (
+            f"{self.epochs} epochs, Adam at {self.lr:g} cosine-annealed to {self.lr_min:g}, "
+            f"batch {self.batch_size}, gradient norm clipped at {self.clip:g}"
+        )
+        if self.weight_decay:
+            text += f", decoupled weight decay {self.weight_decay:g}"
+
+        return text + ", best epoch kept"
+
 
 #: The named recipes, for ``reproduce --recipe`` and ``zoo --recipe``. ``reference`` is the
 #: recipe of the published figures. ``long`` is the same recipe over twice as many epochs:
