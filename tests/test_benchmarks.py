@@ -64,3 +64,11 @@ def test_nsf_against_zuko_without_zuko_says_so_in_one_line() -> None:
     assert done.returncode != 0
     message = "nsf_vs_zuko.py: zuko is not installed: pip install --no-deps zuko"
     assert done.stderr.strip() == message
+
+
+def test_kde_baseline_prints_both_datasets() -> None:
+    out = _run("kde_baseline.py", "--seeds", "1")
+
+    for dataset in ("moons", "circles"):
+        assert f"| {dataset} | 0 | " in out, out
+    assert "best of 25" in out
