@@ -268,6 +268,14 @@ def test_reference_parameter_counts() -> None:
     assert count(planar()) == 160
 
 
+def test_zoo_builders_have_their_documented_sizes_and_spline_bound() -> None:
+    documented = {"radial": 128, "nice": 17_930, "glow": 71_776, "maf": 23_060, "nsf": 35_106}
+    for name, parameters in documented.items():
+        assert count_parameters(build(name)) == parameters, name
+    couplings = [layer for layer in build("nsf").layers if hasattr(layer, "bound")]
+    assert len(couplings) == 6 and all(layer.bound == 5.0 for layer in couplings)
+
+
 def _jacobian(layer: Bijection, point: torch.Tensor) -> torch.Tensor:
     return torch.autograd.functional.jacobian(lambda p: layer(p.unsqueeze(0))[0][0], point)
 

@@ -105,11 +105,16 @@ def maf(dim: int = 2, layers: int = 5, hidden: int = 64) -> Flow:
     return Flow(stack, dim)
 
 
+NSF_BOUND = 5.0
+
+
 def nsf(dim: int = 2, blocks: int = 6, bins: int = 8, hidden: int = 64) -> Flow:
     """Neural spline flow: ``blocks`` × (LU-factored linear map, rational-quadratic coupling).
 
-    The couplings alternate their masks and cover ``[-3, 3]``, the identity outside. With the
-    defaults and ``dim = 2`` it has 35,106 trainable parameters.
+    The couplings alternate their masks and cover ``[-5, 5]``, the identity outside: on
+    standardized data the linear maps between them carry points past 3, and on Two Moons a
+    bound of 3 cost 0.013 nats of held-out NLL (README, "More flows, more densities"). With
+    the defaults and ``dim = 2`` it has 35,106 trainable parameters.
     """
     if blocks < 1:
         raise ValueError(f"nsf needs blocks >= 1, got {blocks}")
@@ -117,7 +122,9 @@ def nsf(dim: int = 2, blocks: int = 6, bins: int = 8, hidden: int = 64) -> Flow:
     layers: list[Bijection] = []
     for k in range(blocks):
         layers.append(LULinear(dim))
-        layers.append(RationalQuadraticCoupling(dim, parity=k % 2, bins=bins, hidden=hidden))
+        layers.append(
+            RationalQuadraticCoupling(dim, parity=k % 2, bins=bins, hidden=hidden, bound=NSF_BOUND)
+        )
 
     return Flow(layers, dim)
 
