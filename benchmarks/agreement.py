@@ -13,12 +13,10 @@ their difference. Runs train in parallel processes, one thread each.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import reference
@@ -83,29 +81,18 @@ def train(implementation: str, run: Run, epochs: int) -> Result:
     return Result(implementation, run, nll, time.perf_counter() - start)
 
 
-def one_thread() -> None:
-    """Give a worker process one torch thread."""
-    torch.set_num_threads(1)
-
-
 def train_all(runs: Sequence[Run], epochs: int, jobs: int) -> list[Result]:
     """Train both implementations on every run in ``jobs`` processes; report each as done."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=one_thread) as pool:
-        futures = [
-            pool.submit(train, implementation, run, epochs)
-            for run in runs
-            for implementation in IMPLEMENTATIONS
-        ]
-        for future in as_completed(futures):
-            result = future.result()
-            print(
-                f"done {result.implementation:>9} {result.run.name}: held-out NLL "
-                f"{result.nll:.4f}, {result.seconds:.0f} s",
-                file=sys.stderr,
-            )
+    tasks = [(implementation, run, epochs) for run in runs for implementation in IMPLEMENTATIONS]
 
-    return [future.result() for future in futures]
+    return reference.train_in_processes(
+        train,
+        tasks,
+        jobs,
+        lambda r: (
+            f"{r.implementation:>9} {r.run.name}: held-out NLL {r.nll:.4f}, {r.seconds:.0f} s"
+        ),
+    )
 
 
 def table_row(model: str, dataset: str, seed: str, ref: float, ours: float) -> str:

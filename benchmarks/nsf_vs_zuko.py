@@ -13,11 +13,9 @@ and averaged over seeds. Runs train in parallel processes, one thread each. Need
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import reference
@@ -66,7 +64,6 @@ class Result:
 
 def train(implementation: str, dataset: str, seed: int, epochs: int) -> Result:
     """Train one implementation on one dataset and seed; score and time it."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
     split = load_split(dataset, seed)
     torch.manual_seed(seed)
@@ -86,23 +83,22 @@ def train(implementation: str, dataset: str, seed: int, epochs: int) -> Result:
 
 def train_all(seeds: int, epochs: int, jobs: int) -> list[Result]:
     """Train both implementations on every dataset and seed in ``jobs`` processes."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = [
-            pool.submit(train, implementation, dataset, seed, epochs)
-            for dataset in DATASETS
-            for seed in range(seeds)
-            for implementation in IMPLEMENTATIONS
-        ]
-        for future in as_completed(futures):
-            r = future.result()
-            print(
-                f"done {r.implementation:>9} {r.dataset} seed {r.seed}: held-out NLL "
-                f"{r.nll:.4f}, {r.seconds:.0f} s",
-                file=sys.stderr,
-            )
+    tasks = [
+        (implementation, dataset, seed, epochs)
+        for dataset in DATASETS
+        for seed in range(seeds)
+        for implementation in IMPLEMENTATIONS
+    ]
 
-    return [future.result() for future in futures]
+    return reference.train_in_processes(
+        train,
+        tasks,
+        jobs,
+        lambda r: (
+            f"{r.implementation:>9} {r.dataset} seed {r.seed}: held-out NLL {r.nll:.4f}, "
+            f"{r.seconds:.0f} s"
+        ),
+    )
 
 
 def table(results: list[Result], epochs: int) -> str:

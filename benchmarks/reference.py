@@ -11,7 +11,7 @@ the data pushed through the layers in order. The models draw their initial weigh
 order as exactflow's, so after the same ``torch.manual_seed`` both start from the same point.
 
 This module has no command of its own: the benchmark scripts use it, and its
-:func:`training_options` reads the command line of those that train runs.
+:func:`training_options` and :func:`train_in_processes` serve those that train runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import multiprocessing
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
 
 import numpy as np
 import torch
@@ -286,3 +291,28 @@ def training_options(description: str) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     return args
+
+
+def _one_thread() -> None:
+    """Give a worker process one torch thread."""
+    torch.set_num_threads(1)
+
+
+def train_in_processes(
+    train: Callable[..., Any],
+    tasks: Sequence[tuple[Any, ...]],
+    jobs: int,
+    describe: Callable[[Any], str],
+) -> list[Any]:
+    """Return ``train(*task)`` for every task, computed in ``jobs`` processes of one thread.
+
+    Each result is reported on standard error as ``done`` and ``describe(result)`` when it
+    arrives; the list keeps the order of ``tasks``.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = [pool.submit(train, *task) for task in tasks]
+        for future in as_completed(futures):
+            print(f"done {describe(future.result())}", file=sys.stderr)
+
+    return [future.result() for future in futures]

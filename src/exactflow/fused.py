@@ -251,41 +251,29 @@ class _LULinear:
     r"""An LU-factored linear layer :math:`y = x W^\top`, :math:`W = P L U`, by hand both ways."""
 
     def __init__(self, layer: LULinear) -> None:
+        self.layer = layer
         self.layers = 1
-        self.dim = layer.dim
         self.lower = _Weights([layer.lower])
         self.upper = _Weights([layer.upper])
         self.log_abs_diagonal = _Weights([layer.log_abs_diagonal])
         self.live = self.lower.live and self.upper.live and self.log_abs_diagonal.live
-        self.sign = layer.sign
-        self.permutation = layer.permutation
         self.unpermutation = torch.argsort(layer.permutation)
-        reference = layer.log_abs_diagonal
         self.rows, self.cols = torch.tril_indices(
-            layer.dim, layer.dim, -1, device=reference.device
+            layer.dim, layer.dim, -1, device=layer.log_abs_diagonal.device
         )
-        self.eye = torch.eye(layer.dim, dtype=reference.dtype, device=reference.device)
-
-    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``L``, ``U`` with its diagonal, and that diagonal."""
-        diagonal = self.sign * torch.exp(self.log_abs_diagonal.value[0])
-        lower = self.eye.index_put((self.rows, self.cols), self.lower.value[0])
-        upper = torch.diag(diagonal).index_put_((self.cols, self.rows), self.upper.value[0])
-
-        return lower, upper, diagonal
 
     def forward(self, x: Tensor, save: bool) -> tuple[Tensor, Tensor]:
         """Return ``(y, log_det)``; with ``save``, keep what the backward pass needs."""
-        lower, upper, diagonal = self._factors()
-        weight = (lower @ upper)[self.permutation]
+        lower, upper = self.layer.factors()
+        weight = (lower @ upper)[self.layer.permutation]
         if save:
-            self.saved = (x, lower, upper, diagonal, weight)
+            self.saved = (x, lower, upper, weight)
 
-        return x @ weight.T, self.log_abs_diagonal.value[0].sum()
+        return x @ weight.T, self.layer.log_abs_diagonal.sum()
 
     def backward(self, grad_y: Tensor, grad_log_det: float) -> Tensor:
         """Write the parameter gradients; return the gradient with respect to the input."""
-        x, lower, upper, diagonal, weight = self.saved
+        x, lower, upper, weight = self.saved
         del self.saved
         # With M = L U and W = M[P]: dM = dW[P^-1], dL = dM U^T, dU = L^T dM.
         grad_product = (grad_y.T @ x)[self.unpermutation]
@@ -293,6 +281,7 @@ class _LULinear:
         grad_upper = lower.T @ grad_product
         self.lower.grad[0].copy_(grad_lower[self.rows, self.cols])
         self.upper.grad[0].copy_(grad_upper[self.cols, self.rows])
+        diagonal = torch.diagonal(upper)
         grad_diagonal = torch.diagonal(grad_upper) * diagonal + grad_log_det * grad_y.shape[0]
         self.log_abs_diagonal.grad[0].copy_(grad_diagonal)
 

@@ -78,7 +78,7 @@ class Recipe:
 #: RealNVP on Two Circles underfits after 1,000 epochs, and under the reference
 #: recipe its seeds end far apart (README, "The reference experiments"). ``short`` is the
 #: same recipe over 200 epochs, the default of ``zoo``: all seven models on all eight
-#: datasets in about a quarter of an hour on two cores.
+#: datasets in 10 to 12 minutes on two cores (docs/benchmarks.md).
 RECIPES: dict[str, Recipe] = {
     "reference": Recipe(),
     "long": Recipe(epochs=2000),
