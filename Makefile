@@ -6,7 +6,7 @@ PYTHON ?= python3
 
 .PHONY: reproduce test lint install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/exactflow/_native.c src/exactflow/_native_kernels.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
@@ -19,8 +19,8 @@ reproduce: $(STAMP)
 	$(BIN)/exactflow reproduce
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check setup.py src tests benchmarks
+	$(BIN)/ruff format --check setup.py src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest

@@ -525,7 +525,7 @@ def fuse(flow: Flow) -> FusedFlow | None:
             break
         if isinstance(layer, PlanarFlow | RadialFlow):
             run.append(layer)
-        elif isinstance(layer, AffineCouplingLayer) and _reference_nets(layer):
+        elif isinstance(layer, AffineCouplingLayer) and reference_nets(layer):
             segments.append(_Coupling(layer))
         elif isinstance(layer, BatchNormFlow):
             segments.append(_BatchNorm(layer))
@@ -547,7 +547,7 @@ def parameter_order(flow: Flow) -> list[nn.Parameter]:
     """
     ordered: list[nn.Parameter] = []
     for layer in flow.layers:
-        if isinstance(layer, AffineCouplingLayer) and _reference_nets(layer):
+        if isinstance(layer, AffineCouplingLayer) and reference_nets(layer):
             ordered.extend(_Coupling.order(layer))
         else:
             ordered.extend(layer.parameters())
@@ -555,7 +555,7 @@ def parameter_order(flow: Flow) -> list[nn.Parameter]:
     return [p for p in ordered if p.requires_grad]
 
 
-def _reference_nets(layer: AffineCouplingLayer) -> bool:
+def reference_nets(layer: AffineCouplingLayer) -> bool:
     """Whether the coupling's nets are the reference ones: leaky-ReLU MLPs, tanh on the scale."""
     scale, shift = layer.nets.scale, layer.nets.shift
     shapes = [

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from exactflow.flow import Flow
 from exactflow.fused import FusedFlow, fuse, parameter_order
+from exactflow.native import NativeFlow, compile_flow
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,22 +106,28 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 @torch.no_grad()
 def evaluate_nll(
-    flow: Flow, x: torch.Tensor, chunk: int = 2048, fused: FusedFlow | None = None
+    flow: Flow,
+    x: torch.Tensor,
+    chunk: int = 2048,
+    passes: NativeFlow | FusedFlow | None = None,
 ) -> torch.Tensor:
     """Return the per-point negative log-likelihood of ``x`` in evaluation mode.
 
     The model's train/eval flag is restored afterwards, so evaluation never changes the model.
-    ``fused`` passes the flow's fast passes when the caller already holds them (as
-    :class:`Trainer` does, scoring every epoch); otherwise they are set up here.
+    The rows are scored ``chunk`` at a time by the compiled passes where they apply
+    (:func:`exactflow.native.compile_flow`), else by the fast passes
+    (:func:`exactflow.fused.fuse`), else by the readable layers. ``passes`` gives the
+    flow's passes when the caller already holds them (as :class:`Trainer` does, scoring every
+    epoch); otherwise they are set up here.
     """
     was_training = flow.training
     flow.eval()
     x = flow.cast(x)
     if x.dim() != 2 or x.shape[-1] != flow.dim:
-        fused = None
-    elif fused is None:
-        fused = fuse(flow)
-    log_prob = flow.log_prob if fused is None else fused.log_prob
+        passes = None
+    elif passes is None:
+        passes = compile_flow(flow) or fuse(flow)
+    log_prob = flow.log_prob if passes is None else passes.log_prob
     try:
         nll = torch.cat([-log_prob(part) for part in x.split(chunk)])
     finally:
@@ -201,8 +208,9 @@ class Trainer:
     a new best.
 
     The flow's parameters move into one flat buffer (see :func:`flatten_parameters`) until
-    :meth:`best_flow`. Flows whose layers all have fast passes (:func:`exactflow.fused.fuse`)
-    take their gradients from those; the others from autograd.
+    :meth:`best_flow`. Flows that compile (:func:`exactflow.native.compile_flow`) take their
+    gradients from the compiled passes; others whose layers all have fast passes
+    (:func:`exactflow.fused.fuse`) from those; the rest from autograd.
 
     Args:
         flow: the model, trained in place.
@@ -239,7 +247,8 @@ class Trainer:
         names = {id(p): name for name, p in flow.named_parameters()}
         self.layout = [names[id(p)] for p in parameter_order(flow)]
         self.flat = flatten_parameters(flow)
-        self.fused = fuse(flow)
+        self.native = compile_flow(flow)
+        self.fused = None if self.native is not None else fuse(flow)
         self.optimizer = torch.optim.Adam(
             [self.flat],
             lr=recipe.lr,
@@ -267,29 +276,37 @@ class Trainer:
         """Whether ``patience`` epochs have passed without a new best."""
         return self.patience is not None and self.epoch - self.best_epoch >= self.patience
 
-    def step(self, batch: torch.Tensor) -> torch.Tensor:
-        """Take one optimizer step on the rows ``batch``; return the detached mean loss.
+    @property
+    def passes(self) -> NativeFlow | FusedFlow | None:
+        """The compiled or fast passes this trainer scores and trains by, if any."""
+        return self.native if self.native is not None else self.fused
 
-        The flow must be in training mode.
+    def step(self, batch: torch.Tensor) -> float:
+        """Take one optimizer step on the rows ``batch``; return the mean loss.
+
+        The flow must be in training mode. The gradient is clipped to the recipe's norm.
 
         Raises:
             TrainingDiverged: when the loss or the gradient norm is not finite.
         """
-        self.flat.grad.zero_()
-        if self.fused is not None and self.fused.trainable:
-            loss = self.fused.loss_backward(batch)
+        if self.native is not None and self.native.trainable:
+            loss, grad_norm = self.native.loss_backward(batch, self.recipe.clip)
         else:
-            loss = -self.flow.log_prob(batch).mean()
-            loss.backward()
-        grad_norm = torch.linalg.vector_norm(self.flat.grad)
-        self.flat.grad.mul_((self.recipe.clip / (grad_norm + 1e-6)).clamp_(max=1.0))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                "non-finite " + ("loss" if not torch.isfinite(loss) else "gradient")
-            )
+            self.flat.grad.zero_()
+            if self.fused is not None and self.fused.trainable:
+                loss_tensor = self.fused.loss_backward(batch)
+            else:
+                loss_tensor = -self.flow.log_prob(batch).mean()
+                loss_tensor.backward()
+            norm = torch.linalg.vector_norm(self.flat.grad)
+            self.flat.grad.mul_((self.recipe.clip / (norm + 1e-6)).clamp_(max=1.0))
+            loss, grad_norm = loss_tensor.item(), norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss) else "gradient"
+            raise TrainingDiverged(f"non-finite {what}")
         self.optimizer.step()
 
-        return loss.detach()
+        return loss
 
     def run_epoch(self) -> Epoch:
         """Train one epoch and score it.
@@ -303,7 +320,7 @@ class Trainer:
 
         # One pass over the data in a fresh order.
         self.flow.train()
-        total = self.data.new_zeros(())
+        total = 0.0
         for step, index in enumerate(
             batches(len(self.data), self.recipe.batch_size, self.generator), 1
         ):
@@ -315,10 +332,10 @@ class Trainer:
         self.scheduler.step()
 
         # Score the epoch in evaluation mode; keep the best weights.
-        train_nll = evaluate_nll(self.flow, self.data, fused=self.fused).mean().item()
+        train_nll = evaluate_nll(self.flow, self.data, passes=self.passes).mean().item()
         val_nll = math.nan
         if self.validation is not None:
-            val_nll = evaluate_nll(self.flow, self.validation, fused=self.fused).mean().item()
+            val_nll = evaluate_nll(self.flow, self.validation, passes=self.passes).mean().item()
         score = train_nll if self.validation is None else val_nll
         if score < self.best_nll:
             self.best_nll, self.best_epoch = score, self.epoch
@@ -326,7 +343,7 @@ class Trainer:
 
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        record = Epoch(self.epoch, total.item() / len(self.data), train_nll, val_nll, lr, seconds)
+        record = Epoch(self.epoch, total / len(self.data), train_nll, val_nll, lr, seconds)
         self.history.append(record)
 
         return record
