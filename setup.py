@@ -12,7 +12,7 @@ setup(
             "exactflow._native",
             sources=["src/exactflow/_native.c"],
             depends=["src/exactflow/_native_kernels.h"],
-            extra_compile_args=["-O3", "-ffp-contract=fast"],
+            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno"],
             optional=True,
         )
     ]

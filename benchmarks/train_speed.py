@@ -2,10 +2,13 @@
 
 One step is a forward pass, the mean NLL, a backward pass, gradient clipping to norm 5 and an
 Adam update, on a batch of 256 Two Moons training rows. It is timed for RealNVP and the planar
-stack in the plain eager reference (``reference.py``) and in exactflow (``Trainer.step``), and
-for zuko's RealNVP when zuko is installed, with the same plain loop as the reference. The table
-gives the median over the timed steps, which follow a few warm-up steps, and the speed-up over
-the plain reference; on zuko's row, also exactflow's speed-up over zuko.
+stack in the plain eager reference (``reference.py``) and in exactflow (``Trainer.step``): by
+its compiled passes (``exactflow.native``, what trains on the CPU) and by its PyTorch passes
+(``exactflow.fused``, what trains elsewhere); and for zuko's RealNVP when zuko is installed,
+with the same plain loop as the reference. The table gives the median over the timed steps,
+which follow a few warm-up steps, and the speed-up over the plain reference; on zuko's row, also
+the speed-up of exactflow's compiled passes over zuko. The grid of log-densities is timed on one
+thread and on all of the machine's cores.
 
     .venv/bin/python benchmarks/train_speed.py                  # 400 timed steps, one thread
     .venv/bin/python benchmarks/train_speed.py --quick          # a smoke run of a few seconds
@@ -15,6 +18,7 @@ the plain reference; on zuko's row, also exactflow's speed-up over zuko.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 
 from exactflow.data import load_split
 from exactflow.evaluation import Grid
+from exactflow.fused import fuse
 from exactflow.models import build, count_parameters
 from exactflow.train import Recipe, Trainer, evaluate_nll
 
@@ -43,6 +48,7 @@ QUICK_STEPS = 20
 QUICK_WARMUP = 5
 GRID_POINTS = 500
 GRID_REPEATS = 5
+COMPILED = "exactflow"
 ZUKO_OPTIONS = {"transforms": reference.BLOCKS, "hidden_features": (reference.HIDDEN,) * 2}
 
 Step = Callable[[Tensor], Tensor]
@@ -91,12 +97,20 @@ def reference_step(name: str, device: torch.device) -> tuple[Step, int]:
     return plain_step(model), reference.parameter_count(model)
 
 
-def exactflow_step(name: str, x_train: Tensor) -> tuple[Step, int]:
-    """Build exactflow's model ``name`` and its trainer; return its step and parameter count."""
+def exactflow_step(name: str, x_train: Tensor, compiled: bool) -> tuple[Step, int] | None:
+    """Build exactflow's model ``name`` and its trainer; return its step and parameter count.
+
+    ``compiled`` chooses the compiled passes, else the PyTorch passes; ``None`` when the
+    compiled ones do not apply (another device, or the extension was not built).
+    """
     torch.manual_seed(0)
     flow = build(name, reference.DIM).to(x_train.device)
     parameters = count_parameters(flow)
     trainer = Trainer(flow, x_train, Recipe(), seed=0)
+    if compiled and trainer.native is None:
+        return None
+    if not compiled:
+        trainer.native, trainer.fused = None, fuse(flow)
     flow.train()
 
     return trainer.step, parameters
@@ -149,7 +163,10 @@ def measure(x_train: Tensor, warmup: int, steps: int) -> list[Row]:
     candidates = []
     for name in ("realnvp", "planar"):
         candidates.append((name, "reference", *reference_step(name, device)))
-        candidates.append((name, "exactflow", *exactflow_step(name, x_train)))
+        for compiled, label in ((True, COMPILED), (False, "exactflow, PyTorch passes")):
+            built = exactflow_step(name, x_train, compiled)
+            if built is not None:
+                candidates.append((name, label, *built))
         if name == "realnvp" and zuko is not None:
             candidates.append((name, f"zuko {zuko.__version__}", *zuko_step(device)))
 
@@ -167,7 +184,7 @@ def measure(x_train: Tensor, warmup: int, steps: int) -> list[Row]:
     ]
 
 
-def grid_seconds(x_train: Tensor, repeats: int) -> dict[str, float]:
+def grid_seconds(x_train: Tensor, repeats: int, threads: int) -> dict[str, float]:
     """Median seconds to evaluate RealNVP's log-density on a 500 × 500 grid, both ways."""
     grid = Grid.covering(x_train.cpu().numpy(), n=GRID_POINTS)
     points = torch.as_tensor(grid.points, dtype=x_train.dtype, device=x_train.device)
@@ -184,6 +201,8 @@ def grid_seconds(x_train: Tensor, repeats: int) -> dict[str, float]:
         evaluate_nll(flow, points)
 
     timings: dict[str, list[float]] = {"reference": [], "exactflow": []}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     for _ in range(repeats):
         for key, evaluate in (("reference", plain), ("exactflow", ours)):
             synchronize(x_train.device)
@@ -191,6 +210,7 @@ def grid_seconds(x_train: Tensor, repeats: int) -> dict[str, float]:
             evaluate()
             synchronize(x_train.device)
             timings[key].append(time.perf_counter() - begin)
+    torch.set_num_threads(previous)
 
     return {key: statistics.median(values) for key, values in timings.items()}
 
@@ -200,14 +220,14 @@ def table(rows: list[Row]) -> str:
     times = {(row.model, row.implementation): row.ms for row in rows}
     lines = [
         "| model | implementation | parameters | ms/step (median) | speed-up over reference "
-        "| exactflow's speed-up over it |",
+        "| compiled exactflow's speed-up over it |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         speed_up = times[(row.model, "reference")] / row.ms
         over = "—"
-        if row.implementation.startswith("zuko"):
-            over = f"{row.ms / times[(row.model, 'exactflow')]:.2f}×"
+        if row.implementation.startswith("zuko") and (row.model, COMPILED) in times:
+            over = f"{row.ms / times[(row.model, COMPILED)]:.2f}×"
         lines.append(
             f"| {row.model} | {row.implementation} | {row.parameters:,} | {row.ms:.3f} "
             f"| {speed_up:.2f}× | {over} |"
@@ -243,7 +263,9 @@ def main() -> None:
     x_train = torch.as_tensor(split.train, dtype=torch.get_default_dtype(), device=device)
 
     rows = measure(x_train, warmup, steps)
-    grid = grid_seconds(x_train, 1 if args.quick else GRID_REPEATS)
+    repeats = 1 if args.quick else GRID_REPEATS
+    cores = os.cpu_count() or 1
+    grids = {threads: grid_seconds(x_train, repeats, threads) for threads in sorted({1, cores})}
 
     print(
         f"Training step, batch {BATCH_SIZE} of Two Moons: median of {steps} steps after "
@@ -252,10 +274,14 @@ def main() -> None:
     )
     print()
     print(table(rows))
-    print(
-        f"\nRealNVP log-density on a {GRID_POINTS} × {GRID_POINTS} grid (median seconds): "
-        f"reference {grid['reference']:.3f} s, exactflow {grid['exactflow']:.3f} s."
-    )
+    print(f"\nRealNVP log-density on a {GRID_POINTS} × {GRID_POINTS} grid (median seconds):")
+    for threads, grid in grids.items():
+        print(
+            f"{threads} thread(s): reference {grid['reference']:.3f} s, "
+            f"exactflow {grid['exactflow']:.3f} s."
+        )
+    if not any(row.implementation == COMPILED for row in rows):
+        print("\nThe compiled passes do not apply here: no compiled row.")
     if zuko is None:
         print("\nzuko is not installed: no zuko row.")
     else:

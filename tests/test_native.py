@@ -219,3 +219,41 @@ def test_a_short_workspace_is_refused():
             workspace.numel(),
             False,
         )
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_the_compiled_adam_step_matches_torch(dtype, tolerance, weight_decay):
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=generator, dtype=dtype)
+    gradients = [torch.randn(1000, generator=generator, dtype=dtype) for _ in range(30)]
+    mine = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    options = {"lr": 1e-2, "weight_decay": weight_decay, "decoupled_weight_decay": True}
+    compiled = torch.optim.Adam([mine], **options)
+    reference = torch.optim.Adam([theirs], **options)
+    step = native.adam(compiled)
+    assert step is not None
+
+    for k, gradient in enumerate(gradients):
+        mine.grad, theirs.grad = gradient.clone(), gradient.clone()
+        step()
+        reference.step()
+        # A learning-rate schedule sets the group's rate between steps.
+        for optimizer in (compiled, reference):
+            optimizer.param_groups[0]["lr"] = 1e-2 / (k + 2)
+
+    torch.testing.assert_close(mine, theirs, atol=tolerance, rtol=tolerance)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(
+            compiled.state[mine][key], reference.state[theirs][key], atol=tolerance, rtol=tolerance
+        )
+    assert compiled.state[mine]["step"].item() == reference.state[theirs]["step"].item() == 30
+
+
+def test_adam_without_a_compiled_step():
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    assert native.adam(torch.optim.Adam([parameter], amsgrad=True)) is None
+    assert native.adam(torch.optim.Adam([parameter], weight_decay=0.1)) is None
+    assert native.adam(torch.optim.Adam([parameter, torch.nn.Parameter(torch.zeros(2))])) is None
+    assert native.adam(torch.optim.Adam([parameter.detach().half().requires_grad_()])) is None

@@ -70,7 +70,6 @@ static void *arena_take(Arena *arena, int64_t bytes)
 #define R_TANH tanhf
 #define R_EXP expf
 #define R_LOG logf
-#define R_LOG1P log1pf
 #define R_SQRT sqrtf
 #include "_native_kernels.h"
 #undef REAL
@@ -80,7 +79,6 @@ static void *arena_take(Arena *arena, int64_t bytes)
 #undef R_TANH
 #undef R_EXP
 #undef R_LOG
-#undef R_LOG1P
 #undef R_SQRT
 
 #define REAL double
@@ -90,7 +88,6 @@ static void *arena_take(Arena *arena, int64_t bytes)
 #define R_TANH tanh
 #define R_EXP exp
 #define R_LOG log
-#define R_LOG1P log1p
 #define R_SQRT sqrt
 #include "_native_kernels.h"
 
@@ -212,6 +209,33 @@ static PyObject *py_loss_backward(PyObject *self, PyObject *args)
     return Py_BuildValue("dd", result[0], result[1]);
 }
 
+static PyObject *py_adam(PyObject *self, PyObject *args)
+{
+    unsigned long long param, grad, exp_avg, exp_avg_sq;
+    Py_ssize_t numel, step;
+    double lr, beta1, beta2, eps, weight_decay;
+    int dtype64;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "pKKKKnnddddd", &dtype64, &param, &grad, &exp_avg, &exp_avg_sq,
+                          &numel, &step, &lr, &beta1, &beta2, &eps, &weight_decay))
+        return NULL;
+    if (numel < 0 || step < 1) {
+        PyErr_SetString(PyExc_ValueError, "need a count of values and a step of at least 1");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype64)
+        adam_f64((double *)(uintptr_t)param, (const double *)(uintptr_t)grad,
+                 (double *)(uintptr_t)exp_avg, (double *)(uintptr_t)exp_avg_sq, numel, step, lr,
+                 beta1, beta2, eps, weight_decay);
+    else
+        adam_f32((float *)(uintptr_t)param, (const float *)(uintptr_t)grad,
+                 (float *)(uintptr_t)exp_avg, (float *)(uintptr_t)exp_avg_sq, numel, step, lr,
+                 beta1, beta2, eps, weight_decay);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"log_prob", py_log_prob, METH_VARARGS,
      "log_prob(dtype64, program, constants, segments, x, n, out, workspace, bytes, training)"},
@@ -222,6 +246,9 @@ static PyMethodDef methods[] = {
      "clip) -> (loss, gradient norm before clipping)"},
     {"loss_backward_workspace", py_loss_backward_workspace, METH_VARARGS,
      "The workspace bytes loss_backward needs, for the same arguments."},
+    {"adam", py_adam, METH_VARARGS,
+     "adam(dtype64, param, grad, exp_avg, exp_avg_sq, numel, step, lr, beta1, beta2, eps, "
+     "weight_decay)"},
     {NULL, NULL, 0, NULL},
 };
 

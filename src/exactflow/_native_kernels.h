@@ -24,13 +24,22 @@ static inline __attribute__((always_inline)) VEC FN(load)(const REAL *p)
     return v;
 }
 
+/* log(1 + x) to within a few units in the last place, by the fast log: with u = 1 + x rounded,
+ * log(u) x / (u - 1) corrects the rounding of u (Goldberg 1991, "What every computer scientist
+ * should know about floating-point arithmetic", theorem 4). */
+static inline REAL FN(log1p)(REAL x)
+{
+    REAL u = 1 + x;
+    return u == 1 ? x : x * (R_LOG(u) / (u - 1));
+}
+
 /* Lane by lane: where keep, value; elsewhere value * slope. */
 static inline __attribute__((always_inline)) VEC FN(leaky)(VEC value, MASK keep, REAL slope)
 {
     return (VEC)(((MASK)value & keep) | ((MASK)(value * slope) & ~keep));
 }
 
-/* The sum of a[k] * b[k]: VL partial sums, then the lanes in order, then the tail. */
+/* The sum of a[k] * b[k]: VL partial sums, added lane to lane in a tree, then the tail. */
 static inline __attribute__((always_inline)) REAL FN(dot)(const REAL *a, const REAL *b, int64_t n)
 {
     VEC acc0 = {0}, acc1 = {0};
@@ -42,9 +51,12 @@ static inline __attribute__((always_inline)) REAL FN(dot)(const REAL *a, const R
     for (; k + VL <= n; k += VL)
         acc0 += FN(load)(a + k) * FN(load)(b + k);
     acc0 += acc1;
-    REAL sum = 0;
-    for (int l = 0; l < VL; l++)
-        sum += acc0[l];
+    REAL lanes[VL];
+    memcpy(lanes, &acc0, sizeof acc0);
+    for (int width = VL / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++)
+            lanes[l] += lanes[l + width];
+    REAL sum = lanes[0];
     for (; k < n; k++)
         sum += a[k] * b[k];
     return sum;
@@ -154,6 +166,11 @@ typedef struct {
     REAL *s, *e;          /* coupling: tanh of the scale net's output and its exp, n × nf */
     REAL *w1k[2];         /* coupling: the first layer's kept columns, nk × h per net */
     REAL *w2t[2];         /* coupling: the second layer transposed, h × h per net */
+    REAL *A[2], *B[2];    /* one kept coordinate: a2 = A[p] x + B[p] on piece p, see pieces */
+    REAL *cuts[2];        /* one kept coordinate: the sorted breakpoints of the first layer */
+    int32_t *rank[2];     /* one kept coordinate: each unit's place among the cuts, or -1 */
+    int32_t *piece[2];    /* one kept coordinate: each row's piece, the cuts below it */
+    int64_t cut_count[2];
     REAL *mean, *inv_std; /* batch norm: the statistics the map used, d each */
     REAL *tanh_a;         /* planar: tanh(w^T x + b), n */
     REAL *u_hat;          /* planar: the constrained u, d */
@@ -162,13 +179,179 @@ typedef struct {
 
 #define Saved FN(Saved)
 
+/* A coupling with one kept coordinate x (every coupling in two dimensions) reads it through
+ * h1 = leaky(w x + c), w and c the first layer's kept column and bias. Each unit k changes
+ * slope where w_k x + c_k = 0, at the cut -c_k / w_k; between consecutive cuts every unit keeps
+ * its slope, so the second layer's pre-activation a2 = W2 h1 + b2 is A[p] x + B[p] on piece p,
+ * the piece above p of the sorted cuts. The tables A and B cost one pass over the h units,
+ * after which a row costs O(h) instead of the O(h^2) of the product, forward and backward.
+ *
+ * Unit k is "on" (slope 1) on piece p when w_k > 0 and p > rank_k, or w_k < 0 and p <= rank_k;
+ * a unit with w_k = 0 has no cut and is on everywhere when c_k > 0. A row exactly at a cut gets
+ * the slope of the piece below, where w_k x + c_k is zero up to rounding and either slope
+ * gives the same h1. */
+typedef struct {
+    REAL cut;
+    int32_t unit;
+} FN(Cut);
+
+static int FN(by_cut)(const void *a, const void *b)
+{
+    REAL x = ((const FN(Cut) *)a)->cut, y = ((const FN(Cut) *)b)->cut;
+    /* A NaN sorts last, so that the order stays total. */
+    if (isnan(x) || isnan(y))
+        return isnan(x) - isnan(y);
+    return (x > y) - (x < y);
+}
+
+/* Whether unit k is on at piece p (see above), as 1 or the slope. */
+static inline double FN(gate)(REAL w, REAL c, int32_t rank, int64_t p, double slope)
+{
+    int on = w > 0 ? p > rank : w < 0 ? p <= rank : c > 0;
+    return on ? 1.0 : slope;
+}
+
+CLONES static void FN(pieces)(const Record *rec, int net, REAL slope, Saved *sv)
+{
+    int64_t h = rec->hidden;
+    const REAL *w = sv->w1k[net], *c = (const REAL *)rec->value[net * 6 + 1];
+    const REAL *b2 = (const REAL *)rec->value[net * 6 + 3], *w2t = sv->w2t[net];
+    FN(Cut) order[h];
+    double a[h], b[h];
+    int64_t m = 0;
+
+    for (int64_t u = 0; u < h; u++) {
+        sv->rank[net][u] = -1;
+        if (w[u] != 0)
+            order[m++] = (FN(Cut)){-c[u] / w[u], (int32_t)u};
+    }
+    qsort(order, (size_t)m, sizeof order[0], FN(by_cut));
+    for (int64_t p = 0; p < m; p++) {
+        sv->cuts[net][p] = order[p].cut;
+        sv->rank[net][order[p].unit] = (int32_t)p;
+    }
+    sv->cut_count[net] = m;
+
+    /* Piece 0, below every cut; then each cut turns one unit on or off. */
+    for (int64_t o = 0; o < h; o++) {
+        a[o] = 0;
+        b[o] = b2[o];
+    }
+    for (int64_t u = 0; u < h; u++) {
+        double g = FN(gate)(w[u], c[u], sv->rank[net][u], 0, slope);
+        for (int64_t o = 0; o < h; o++) {
+            a[o] += g * w[u] * w2t[u * h + o];
+            b[o] += g * c[u] * w2t[u * h + o];
+        }
+    }
+    for (int64_t p = 0; p <= m; p++) {
+        if (p > 0) {
+            int32_t u = order[p - 1].unit;
+            double change = w[u] > 0 ? 1.0 - slope : slope - 1.0;
+            for (int64_t o = 0; o < h; o++) {
+                a[o] += change * w[u] * w2t[u * h + o];
+                b[o] += change * c[u] * w2t[u * h + o];
+            }
+        }
+        for (int64_t o = 0; o < h; o++) {
+            sv->A[net][p * h + o] = (REAL)a[o];
+            sv->B[net][p * h + o] = (REAL)b[o];
+        }
+    }
+}
+
+/* h2 = leaky(A[p] x + B[p]) for every row, p its piece. */
+CLONES static void FN(scalar_hidden)(
+    const Record *rec, int net, REAL slope, Saved *sv, const REAL *x, int64_t n)
+{
+    int64_t d = rec->dim, h = rec->hidden, m = sv->cut_count[net];
+    const REAL *cuts = sv->cuts[net];
+
+    for (int64_t i = 0; i < n; i++) {
+        REAL xi = x[i * d + rec->parity];
+        /* The number of cuts below xi, by a binary search without branches. */
+        const REAL *base = cuts;
+        int64_t left = m, p = 0;
+        if (m > 0) {
+            while (left > 1) {
+                int64_t half = left / 2;
+                base = base[half] < xi ? base + half : base;
+                left -= half;
+            }
+            p = (base - cuts) + (*base < xi);
+        }
+        sv->piece[net][i] = (int32_t)p;
+        const REAL *a = sv->A[net] + p * h, *b = sv->B[net] + p * h;
+        REAL *row = sv->h2[net] + i * h;
+        for (int64_t o = 0; o < h; o++) {
+            REAL v = a[o] * xi + b[o];
+            row[o] = v > 0 ? v : v * slope;
+        }
+    }
+}
+
+/* Given g_a2, the gradient in the second layer's pre-activation: write the gradients of W2, of
+ * the first layer, and add the kept coordinate's share to g_x. With S[p] and T[p] the sums of
+ * g_a2 and of g_a2 x over the rows of piece p, unit k sees G = sum of gate * S and
+ * Gx = sum of gate * T over the pieces; then dW2[:, k] = w_k Gx + c_k G,
+ * dw_k = W2[:, k] . Gx and dc_k = W2[:, k] . G, and each row's d x = g_a2 . A[p]. */
+CLONES static void FN(scalar_backward)(
+    const Record *rec, int net, REAL slope, const Saved *sv, const REAL *g_a2, REAL *g_x,
+    int64_t n, double *sums)
+{
+    int64_t d = rec->dim, h = rec->hidden, parity = rec->parity, m = sv->cut_count[net];
+    const REAL *w = sv->w1k[net], *c = (const REAL *)rec->value[net * 6 + 1];
+    const REAL *w2t = sv->w2t[net], *x = sv->x;
+    REAL *gw1 = (REAL *)rec->grad[net * 6 + 0], *gb1 = (REAL *)rec->grad[net * 6 + 1];
+    REAL *gw2 = (REAL *)rec->grad[net * 6 + 2];
+    /* Row q of S and T holds the sums over the pieces below q, once accumulated. */
+    double *S = sums, *T = sums + (m + 2) * h;
+
+    memset(sums, 0, (size_t)(2 * (m + 2) * h) * sizeof(double));
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = sv->piece[net][i];
+        REAL xi = x[i * d + parity];
+        const REAL *g = g_a2 + i * h;
+        double *s = S + (p + 1) * h, *t = T + (p + 1) * h;
+        for (int64_t o = 0; o < h; o++) {
+            s[o] += g[o];
+            t[o] += (double)g[o] * xi;
+        }
+        g_x[i * d + parity] += FN(dot)(g, sv->A[net] + p * h, h);
+    }
+    for (int64_t q = 1; q <= m + 1; q++)
+        for (int64_t o = 0; o < h; o++) {
+            S[q * h + o] += S[(q - 1) * h + o];
+            T[q * h + o] += T[(q - 1) * h + o];
+        }
+
+    const double *S_all = S + (m + 1) * h, *T_all = T + (m + 1) * h;
+    REAL G[h], Gx[h];
+    memset(gw1, 0, (size_t)(h * d) * sizeof(REAL));
+    for (int64_t u = 0; u < h; u++) {
+        int32_t r = sv->rank[net][u];
+        const double *S_low = S + (r + 1) * h, *T_low = T + (r + 1) * h;
+        /* The slopes below and above the unit's cut: the pieces p <= r and p > r. */
+        double low = w[u] > 0 ? slope : w[u] < 0 ? 1.0 : (c[u] > 0 ? 1.0 : slope);
+        double high = w[u] > 0 ? 1.0 : w[u] < 0 ? slope : low;
+        for (int64_t o = 0; o < h; o++) {
+            G[o] = (REAL)(low * S_low[o] + high * (S_all[o] - S_low[o]));
+            Gx[o] = (REAL)(low * T_low[o] + high * (T_all[o] - T_low[o]));
+        }
+        for (int64_t o = 0; o < h; o++)
+            gw2[o * h + u] = w[u] * Gx[o] + c[u] * G[o];
+        gw1[u * d + parity] = FN(dot)(w2t + u * h, Gx, h);
+        gb1[u] = FN(dot)(w2t + u * h, G, h);
+    }
+}
+
 static REAL *FN(take)(Arena *arena, int64_t count)
 {
     return (REAL *)arena_take(arena, count * (int64_t)sizeof(REAL));
 }
 
 /* Reserve what a segment keeps for n rows and prepare its weights in their read layouts. */
-static void FN(prepare)(const Record *rec, Saved *sv, int64_t n, Arena *arena)
+CLONES static void FN(prepare)(const Record *rec, const double *k, Saved *sv, int64_t n, Arena *arena)
 {
     int64_t d = rec->dim, h = rec->hidden;
     memset(sv, 0, sizeof *sv);
@@ -177,8 +360,16 @@ static void FN(prepare)(const Record *rec, Saved *sv, int64_t n, Arena *arena)
         for (int net = 0; net < 2; net++) {
             sv->w1k[net] = FN(take)(arena, nk * h);
             sv->w2t[net] = FN(take)(arena, h * h);
-            sv->h1[net] = FN(take)(arena, n * h);
             sv->h2[net] = FN(take)(arena, n * h);
+            if (nk == 1) {
+                sv->A[net] = FN(take)(arena, (h + 1) * h);
+                sv->B[net] = FN(take)(arena, (h + 1) * h);
+                sv->cuts[net] = FN(take)(arena, h);
+                sv->rank[net] = (int32_t *)arena_take(arena, h * (int64_t)sizeof(int32_t));
+                sv->piece[net] = (int32_t *)arena_take(arena, n * (int64_t)sizeof(int32_t));
+            } else {
+                sv->h1[net] = FN(take)(arena, n * h);
+            }
             if (!arena->base)
                 continue;
             const REAL *w1 = (const REAL *)rec->value[net * 6 + 0];
@@ -187,6 +378,8 @@ static void FN(prepare)(const Record *rec, Saved *sv, int64_t n, Arena *arena)
                 for (int64_t o = 0; o < h; o++)
                     sv->w1k[net][kk * h + o] = w1[o * d + rec->parity + 2 * kk];
             FN(transpose)(w2, h, h, h, sv->w2t[net]);
+            if (nk == 1)
+                FN(pieces)(rec, net, (REAL)k[0], sv);
         }
         sv->s = FN(take)(arena, n * nf);
         sv->e = FN(take)(arena, n * nf);
@@ -205,7 +398,7 @@ static void FN(prepare)(const Record *rec, Saved *sv, int64_t n, Arena *arena)
             ww += w[c] * w[c];
         }
         /* softplus as torch computes it: the identity above 20. */
-        REAL softplus = wu > 20 ? wu : R_LOG1P(R_EXP(wu));
+        REAL softplus = wu > 20 ? wu : FN(log1p)(R_EXP(wu));
         REAL coef = (softplus - 1 - wu) / ww;
         REAL c_ = 0;
         for (int64_t c = 0; c < d; c++) {
@@ -230,6 +423,10 @@ CLONES static void FN(coupling_forward)(
     REAL out[2];
 
     for (int net = 0; net < 2; net++) {
+        if (nk == 1) {
+            FN(scalar_hidden)(rec, net, slope, sv, x, n);
+            continue;
+        }
         const REAL *b1 = (const REAL *)rec->value[net * 6 + 1];
         REAL *h1 = sv->h1[net];
         for (int64_t i = 0; i < n; i++) {
@@ -278,6 +475,7 @@ typedef struct {
     REAL *g_a2;  /* coupling: gradient in the second layer's pre-activation, n × h */
     REAL *g_a1;  /* coupling: gradient in the first layer's pre-activation, n × h */
     REAL *g_w1k; /* coupling: gradient in the first layer's kept columns, nk × h */
+    double *sums; /* one kept coordinate: S and T of scalar_backward, 2 × (h + 2) × h */
 } FN(Scratch);
 
 #define Scratch FN(Scratch)
@@ -293,6 +491,7 @@ static void FN(reserve_scratch)(
     scratch->g_a2 = FN(take)(arena, n * h);
     scratch->g_a1 = FN(take)(arena, n * h);
     scratch->g_w1k = FN(take)(arena, d * h);
+    scratch->sums = (double *)arena_take(arena, 2 * (h + 2) * h * (int64_t)sizeof(double));
 }
 
 /* Given g_y, the gradient of the loss in y, and g_ld, its derivative in every row's log-det:
@@ -366,6 +565,11 @@ CLONES static void FN(coupling_backward)(
                 gi[o] = hi[o] > 0 ? gi[o] : gi[o] * slope;
                 gb2[o] += gi[o];
             }
+        }
+
+        if (nk == 1) {
+            FN(scalar_backward)(rec, net, slope, sv, g_a2, g_x, n, scratch->sums);
+            continue;
         }
 
         /* W2's gradient, and through W2 and the first leaky ReLU. */
@@ -497,7 +701,7 @@ CLONES static void FN(planar_forward)(
         for (int64_t c = 0; c < d; c++)
             yi[c] = xi[c] + sv->u_hat[c] * t;
         sv->tanh_a[i] = t;
-        log_det[i] += R_LOG1P((1 - t * t) * sv->c);
+        log_det[i] += FN(log1p)((1 - t * t) * sv->c);
     }
 }
 
@@ -575,7 +779,7 @@ static void FN(finish)(const REAL *z, const REAL *log_det, REAL *log_p, int64_t 
 }
 
 /* The log-density of n rows, in blocks of BLOCK rows that keep the activations in cache. */
-static int64_t FN(log_prob)(
+CLONES static int64_t FN(log_prob)(
     const Record *program, const double *constants, int64_t segments, const REAL *x, int64_t n,
     REAL *log_p, void *workspace, int64_t workspace_bytes, int training)
 {
@@ -587,7 +791,8 @@ static int64_t FN(log_prob)(
     REAL *ping = FN(take)(&arena, block * d), *pong = FN(take)(&arena, block * d);
     Saved measuring;
     for (int64_t s = 0; s < segments; s++)
-        FN(prepare)(&program[s], workspace ? &saved[s] : &measuring, block, &arena);
+        FN(prepare)(&program[s], constants + 3 * s, workspace ? &saved[s] : &measuring, block,
+                    &arena);
     if (!workspace)
         return arena.used;
 
@@ -608,7 +813,7 @@ static int64_t FN(log_prob)(
 
 /* The mean negative log-likelihood of n rows, its gradient written to every parameter's grad,
  * then clipped to norm clip. Returns the workspace bytes it needs when workspace is NULL. */
-static int64_t FN(loss_backward)(
+CLONES static int64_t FN(loss_backward)(
     const Record *program, const double *constants, int64_t segments, const REAL *x, int64_t n,
     void *workspace, int64_t workspace_bytes, int training, double clip, double *result)
 {
@@ -623,7 +828,8 @@ static int64_t FN(loss_backward)(
     FN(reserve_scratch)(program, segments, n, &scratch, &arena);
     Saved measuring;
     for (int64_t s = 0; s < segments; s++)
-        FN(prepare)(&program[s], workspace ? &saved[s] : &measuring, n, &arena);
+        FN(prepare)(&program[s], constants + 3 * s, workspace ? &saved[s] : &measuring, n,
+                    &arena);
     if (!workspace)
         return arena.used;
 
@@ -678,6 +884,29 @@ static int64_t FN(loss_backward)(
                     for (int64_t e = 0; e < program[s].numel[p]; e++)
                         ((REAL *)program[s].grad[p])[e] *= factor;
     return arena.used;
+}
+
+/* One Adam step with decoupled weight decay, as torch.optim.Adam(decoupled_weight_decay=True)
+ * computes it: the moments move towards the gradient and its square, and the parameters take
+ * the bias-corrected step. step counts this one. */
+CLONES static void FN(adam)(
+    REAL *param, const REAL *grad, REAL *exp_avg, REAL *exp_avg_sq, int64_t numel, int64_t step,
+    double lr, double beta1, double beta2, double eps, double weight_decay)
+{
+    double correction1 = 1.0 - pow(beta1, (double)step);
+    double correction2 = 1.0 - pow(beta2, (double)step);
+    REAL decay = (REAL)(1.0 - lr * weight_decay), step_size = (REAL)(lr / correction1);
+    REAL root2 = (REAL)sqrt(correction2), e = (REAL)eps;
+    REAL keep2 = (REAL)beta2, take1 = (REAL)(1.0 - beta1), take2 = (REAL)(1.0 - beta2);
+
+    for (int64_t i = 0; i < numel; i++) {
+        REAL g = grad[i];
+        REAL m = exp_avg[i] + take1 * (g - exp_avg[i]);
+        REAL v = keep2 * exp_avg_sq[i] + take2 * g * g;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        param[i] = param[i] * decay - step_size * m / (R_SQRT(v) / root2 + e);
+    }
 }
 
 #undef Saved

@@ -1,11 +1,14 @@
-r"""Hand-derived training passes for planar, radial and RealNVP stacks, at hardware speed.
+r"""Hand-derived training passes in PyTorch for planar, radial, Glow and RealNVP stacks.
 
 The layers in :mod:`exactflow.bijections` are the source of truth: readable, one module per
 family, differentiated by autograd. On the tiny networks of the reference experiments, autograd
 and the per-operation overhead of eager PyTorch cost several times more than the arithmetic.
-This module computes the same mathematics with far fewer operations, for flows built from
-:class:`~exactflow.bijections.AffineCouplingLayer`, :class:`~exactflow.bijections.BatchNormFlow`,
-:class:`~exactflow.bijections.PlanarFlow` and :class:`~exactflow.bijections.RadialFlow`:
+This module computes the same mathematics with far fewer operations, on any device, for flows
+built from :class:`~exactflow.bijections.AffineCouplingLayer`,
+:class:`~exactflow.bijections.BatchNormFlow`, :class:`~exactflow.bijections.ActNorm`,
+:class:`~exactflow.bijections.LULinear`, :class:`~exactflow.bijections.PlanarFlow` and
+:class:`~exactflow.bijections.RadialFlow`. On the CPU, :mod:`exactflow.native` goes further for
+the layers it covers, with one compiled call per step. Here:
 
 * the scale and shift networks of a coupling layer run as one batched product, and only the
   columns and rows that the mask lets matter are multiplied (the kept coordinates feed the

@@ -25,6 +25,7 @@ Limitations:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -45,6 +46,17 @@ PARAMETERS = 12
 COUPLING, BATCHNORM, PLANAR = 1, 2, 3
 #: Rows per block when scoring, as in ``_native.c``; a thread gets at least this many.
 BLOCK = 256
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads, started on first use and kept for the process."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="exactflow")
+
+    return _POOLS[threads]
 
 
 def available() -> bool:
@@ -119,8 +131,10 @@ class NativeFlow:
 
         self._batch_norms = [layer for layer in flow.layers if isinstance(layer, BatchNormFlow)]
 
-    def _training(self) -> bool:
-        """Whether the batch-norm layers are in training mode (they must agree)."""
+    def _training(self, training: bool | None) -> bool:
+        """``training``, or when ``None`` whether the batch-norm layers are in training mode."""
+        if training is not None:
+            return training
         modes = {layer.training for layer in self._batch_norms}
         if len(modes) > 1:
             raise RuntimeError("the flow's batch-norm layers are in different modes")
@@ -157,13 +171,15 @@ class NativeFlow:
         return self._workspace
 
     @torch.no_grad()
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, training: bool | None = None) -> Tensor:
         """Return the log-density of each row of ``x`` of shape ``(n, d)``, without gradients.
 
-        In evaluation mode the rows are scored in blocks, spread over ``torch.get_num_threads()``
-        threads when there are enough of them.
+        ``training`` says whether batch-norm layers use (and record) the statistics of ``x``
+        or their running ones; by default, as the layers' own mode says. In evaluation mode the
+        rows are scored in blocks, spread over ``torch.get_num_threads()`` threads when there
+        are enough of them.
         """
-        training = self._training()
+        training = self._training(training)
         x = self._rows(x, training)
         n = x.shape[0]
         out = torch.empty(n, dtype=self.dtype)
@@ -186,20 +202,23 @@ class NativeFlow:
         if threads == 1:
             score(x, out, kept=True)
         else:
-            with ThreadPoolExecutor(threads) as pool:
-                for done in [pool.submit(score, rows, result, False) for rows, result in parts]:
-                    done.result()
+            pool = _pool(threads)
+            for done in [pool.submit(score, rows, result, False) for rows, result in parts]:
+                done.result()
 
         return out
 
     @torch.no_grad()
-    def loss_backward(self, x: Tensor, clip: float = math.inf) -> tuple[float, float]:
+    def loss_backward(
+        self, x: Tensor, clip: float = math.inf, training: bool | None = None
+    ) -> tuple[float, float]:
         """Return the mean NLL of ``x`` and its gradient's norm; write the clipped gradient.
 
         Each parameter's gradient is overwritten with the gradient of the mean negative
         log-likelihood, scaled by ``min(1, clip / (norm + 1e-6))`` as
-        :func:`torch.nn.utils.clip_grad_norm_` does. In training mode, batch-norm layers use
-        and record the statistics of ``x``, as the readable layers do.
+        :func:`torch.nn.utils.clip_grad_norm_` does. In training mode (``training``, by default
+        the layers' own mode), batch-norm layers use and record the statistics of ``x``, as the
+        readable layers do.
 
         Raises:
             RuntimeError: when the flow was compiled without gradients.
@@ -208,7 +227,7 @@ class NativeFlow:
             raise RuntimeError(
                 "NativeFlow.loss_backward needs a flow compiled with its parameters' gradients"
             )
-        training = self._training()
+        training = self._training(training)
         x = self._rows(x, training)
         arguments = self._arguments(x)
         nbytes = _native.loss_backward_workspace(*arguments, 0, 0, training, clip)
@@ -217,6 +236,61 @@ class NativeFlow:
         return _native.loss_backward(
             *arguments, workspace.data_ptr(), workspace.numel(), training, clip
         )
+
+
+def adam(optimizer: torch.optim.Adam) -> Callable[[], None] | None:
+    """Return a compiled step of ``optimizer``, or ``None`` where it does not apply.
+
+    It applies to an Adam optimizer of one parameter, a contiguous float32 or float64 tensor on
+    the CPU, with decoupled weight decay (or none), without AMSGrad or maximisation. The step
+    keeps its moments and count in the optimizer's own state, as
+    :meth:`torch.optim.Adam.step` does, so the state saves and loads alike, and computes the
+    same update in one pass over the parameters; the learning rate is read from the
+    optimizer's group at each step, where a schedule sets it.
+    """
+    groups = optimizer.param_groups
+    if _native is None or len(groups) != 1 or len(groups[0]["params"]) != 1:
+        return None
+    group = groups[0]
+    param = group["params"][0]
+    if (
+        group["amsgrad"]
+        or group["maximize"]
+        or group["differentiable"]
+        or (group["weight_decay"] and not group["decoupled_weight_decay"])
+        or param.device.type != "cpu"
+        or param.dtype not in (torch.float32, torch.float64)
+        or not param.is_contiguous()
+    ):
+        return None
+
+    def step() -> None:
+        # Loading a state dict replaces the group, so it is looked up at every step.
+        group = optimizer.param_groups[0]
+        state = optimizer.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        count = state["step"]
+        count += 1
+        beta1, beta2 = group["betas"]
+        _native.adam(
+            param.dtype == torch.float64,
+            param.data_ptr(),
+            param.grad.data_ptr(),
+            state["exp_avg"].data_ptr(),
+            state["exp_avg_sq"].data_ptr(),
+            param.numel(),
+            int(count),
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+        )
+
+    return step
 
 
 def compile_flow(flow: Flow) -> NativeFlow | None:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from exactflow.flow import Flow
 from exactflow.fused import FusedFlow, fuse, parameter_order
-from exactflow.native import NativeFlow, compile_flow
+from exactflow.native import NativeFlow, adam, compile_flow
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +57,17 @@ class Recipe:
             raise ValueError(f"clip norm must be positive and finite, got {self.clip}")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight decay must be in [0, 1), got {self.weight_decay}")
+
+    def learning_rate(self, epoch: int) -> float:
+        r"""The learning rate after ``epoch`` finished epochs, by the cosine schedule.
+
+        :math:`\eta_{\min} + (\eta - \eta_{\min}) (1 + \cos(\pi e / E)) / 2` for ``e = epoch``
+        and ``E = epochs``: ``lr`` for the first epoch, falling to ``lr_min`` after the last.
+        """
+        return (
+            self.lr_min
+            + (self.lr - self.lr_min) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+        )
 
     def as_dict(self) -> dict[str, float]:
         """Return the recipe as a plain dictionary."""
@@ -120,13 +131,17 @@ def evaluate_nll(
     flow's passes when the caller already holds them (as :class:`Trainer` does, scoring every
     epoch); otherwise they are set up here.
     """
-    was_training = flow.training
-    flow.eval()
     x = flow.cast(x)
     if x.dim() != 2 or x.shape[-1] != flow.dim:
         passes = None
     elif passes is None:
         passes = compile_flow(flow) or fuse(flow)
+    if isinstance(passes, NativeFlow):
+        # The compiled passes take the mode as an argument, so the flow's flags stay as they are.
+        return torch.cat([-passes.log_prob(part, training=False) for part in x.split(chunk)])
+
+    was_training = flow.training
+    flow.eval()
     log_prob = flow.log_prob if passes is None else passes.log_prob
     try:
         nll = torch.cat([-log_prob(part) for part in x.split(chunk)])
@@ -165,9 +180,9 @@ def unflatten_parameters(flow: Flow) -> None:
         p.grad = None
 
 
-def _snapshot(flow: Flow) -> dict[str, torch.Tensor]:
-    """Return a detached copy of the model's state."""
-    return {name: value.detach().clone() for name, value in flow.state_dict().items()}
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return a detached copy of a model's state, given as its tensors by name."""
+    return {name: value.detach().clone() for name, value in state.items()}
 
 
 @dataclass
@@ -247,6 +262,8 @@ class Trainer:
         names = {id(p): name for name, p in flow.named_parameters()}
         self.layout = [names[id(p)] for p in parameter_order(flow)]
         self.flat = flatten_parameters(flow)
+        # The model's tensors by name, looked up once: the snapshots of every epoch copy them.
+        self.state_tensors = flow.state_dict(keep_vars=True)
         self.native = compile_flow(flow)
         self.fused = None if self.native is not None else fuse(flow)
         self.optimizer = torch.optim.Adam(
@@ -256,13 +273,12 @@ class Trainer:
             decoupled_weight_decay=True,
             fused=True,
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=recipe.epochs, eta_min=recipe.lr_min
-        )
+        # The compiled Adam step where it applies (exactflow.native.adam): the same update.
+        self.optimizer_step = adam(self.optimizer) or self.optimizer.step
         self.epoch = 0
         self.best_nll = math.inf
         self.best_epoch = 0
-        self.best_state = _snapshot(flow)
+        self.best_state = _snapshot(self.state_tensors)
         self.history: list[Epoch] = []
         self.seconds = 0.0
 
@@ -304,7 +320,7 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient"
             raise TrainingDiverged(f"non-finite {what}")
-        self.optimizer.step()
+        self.optimizer_step()
 
         return loss
 
@@ -316,10 +332,12 @@ class Trainer:
         """
         start = time.perf_counter()
         self.epoch += 1
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.recipe.learning_rate(self.epoch - 1)
+        self.optimizer.param_groups[0]["lr"] = lr
 
         # One pass over the data in a fresh order.
-        self.flow.train()
+        if not self.flow.training:
+            self.flow.train()
         total = 0.0
         for step, index in enumerate(
             batches(len(self.data), self.recipe.batch_size, self.generator), 1
@@ -329,7 +347,6 @@ class Trainer:
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"{error} at epoch {self.epoch}, step {step}") from None
             total += loss * len(index)
-        self.scheduler.step()
 
         # Score the epoch in evaluation mode; keep the best weights.
         train_nll = evaluate_nll(self.flow, self.data, passes=self.passes).mean().item()
@@ -339,7 +356,7 @@ class Trainer:
         score = train_nll if self.validation is None else val_nll
         if score < self.best_nll:
             self.best_nll, self.best_epoch = score, self.epoch
-            self.best_state = _snapshot(self.flow)
+            self.best_state = _snapshot(self.state_tensors)
 
         seconds = time.perf_counter() - start
         self.seconds += seconds
@@ -389,10 +406,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Return everything needed to resume this run exactly, as plain data and tensors."""
         return {
-            "model": _snapshot(self.flow),
+            "model": _snapshot(self.state_tensors),
             "layout": self.layout,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "best_nll": self.best_nll,
@@ -406,15 +422,19 @@ class Trainer:
         """Restore a state written by :meth:`state_dict`, so the run continues where it was.
 
         The state is checked against this trainer before anything is loaded: the same
-        parameter layout, tensors of the same shapes and dtypes, the same optimizer and
-        schedule settings, and counters that fit the recipe.
+        parameter layout, tensors of the same shapes and dtypes, the same optimizer settings,
+        and counters that fit the recipe. The learning rate follows from the epoch and the
+        recipe (:meth:`Recipe.learning_rate`).
 
         Raises:
             ValueError: when the state does not belong to this run or is damaged; the trainer
                 is then left as it was.
         """
         if not isinstance(state, dict) or state.keys() != self.state_dict().keys():
-            raise ValueError("the training state is damaged: its entries are not a trainer's")
+            raise ValueError(
+                "the training state is damaged or from another version of exactflow: its "
+                "entries are not this trainer's"
+            )
         if state["layout"] != self.layout:
             raise ValueError(
                 "this training state orders the parameters differently from this version of "
@@ -426,7 +446,6 @@ class Trainer:
 
         self.flow.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
         self.best_nll = state["best_nll"]
@@ -481,13 +500,6 @@ class Trainer:
                 and moment["step"].numel() == 1
             ):
                 return "its optimizer moments do not match the parameters"
-
-        schedule, expected = state["scheduler"], fresh["scheduler"]
-        if not isinstance(schedule, dict) or schedule.keys() != expected.keys():
-            return "its learning-rate schedule is not the recipe's"
-        steady = ("T_max", "eta_min", "base_lrs")
-        if any(schedule[k] != expected[k] for k in steady) or schedule["last_epoch"] != epoch:
-            return "its learning-rate schedule is not the recipe's"
 
         return None
 
