@@ -257,3 +257,27 @@ def test_adam_without_a_compiled_step():
     assert native.adam(torch.optim.Adam([parameter], weight_decay=0.1)) is None
     assert native.adam(torch.optim.Adam([parameter, torch.nn.Parameter(torch.zeros(2))])) is None
     assert native.adam(torch.optim.Adam([parameter.detach().half().requires_grad_()])) is None
+
+
+def test_units_without_a_cut_tied_cuts_and_rows_on_a_cut_match_autograd(one_thread):
+    """The piecewise-linear tables of a coupling with one kept coordinate, at their edges."""
+    flow = perturb(Flow([AffineCouplingLayer(2, parity=0, hidden=12)], 2).double())
+    with torch.no_grad():
+        for net in (flow.layers[0].nets.scale[0], flow.layers[0].nets.shift):
+            weight, bias = net[0].weight, net[0].bias
+            weight[:3, 0] = 0.0  # no cut: always on (bias > 0) or always off
+            bias[:3] = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+            # Two cuts tie at 0.25; a falling unit cuts at 0.5.
+            weight[3:6, 0] = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+            bias[3:6] = torch.tensor([-0.25, -0.5, 0.5], dtype=torch.float64)
+    twin, passes = compiled_twin(flow)
+    x = points(2, torch.float64, n=40)
+    x[:4, 0] = torch.tensor([0.25, -10.0, 10.0, 0.0], dtype=torch.float64)
+    loss, grads = autograd_reference(flow, x)
+
+    twin.train()
+    got_loss, _ = passes.loss_backward(x)
+
+    assert got_loss == pytest.approx(loss.item(), abs=1e-12, rel=1e-12)
+    for key, p in twin.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], atol=1e-12, rtol=1e-10, msg=key)

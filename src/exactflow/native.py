@@ -20,6 +20,10 @@ Limitations:
     passes of :mod:`exactflow.fused`. The program holds the addresses of the parameters, their
     gradients and the batch-norm buffers at compile time (and keeps those tensors alive): a
     parameter given new storage afterwards (``p.data = ...``) is not seen, so compile again.
+    Where a coupling has one kept coordinate and a row lies exactly on the kink of a first-layer
+    unit with a negative weight (``w x + c = 0`` with ``w < 0``), the gradient takes that
+    unit's slope just below the kink, 1, where autograd takes the leaky ReLU's negative slope:
+    both are one-sided derivatives, and the log-density is the same.
 """
 
 from __future__ import annotations
