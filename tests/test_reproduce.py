@@ -26,7 +26,7 @@ def test_results_hold_the_recipe_and_every_field(tiny: tuple[Path, int]) -> None
     assert code == 0
     results = json.loads((out / "results.json").read_text())
 
-    assert results["recipe_name"] == "long"
+    assert results["recipe_name"] == "long with --epochs 2"
     assert results["recipe"] == {**RECIPES["long"].as_dict(), "epochs": 2}
     fields = {"entropy", "entropy_se", "gap", "test_nll_median", "outlier_share", "grid_mass"}
     assert {(r["model"], r["dataset"]) for r in results["runs"]} == {
@@ -42,7 +42,8 @@ def test_table_states_the_recipe(tiny: tuple[Path, int]) -> None:
     out, _ = tiny
     text = (out / "results.md").read_text()
 
-    assert "Recipe: long (2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256" in text
+    recipe = "long with --epochs 2 (2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256"
+    assert f"Recipe: {recipe}" in text
     assert "weight decay" not in text
 
 

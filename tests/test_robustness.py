@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -384,6 +385,46 @@ def test_a_directory_given_as_a_file_is_refused(
         code, _, err = _run(capsys, argv)
         _assert_refused(code, err, str(folder))
     assert folder.is_dir() and not any(folder.iterdir()), "the directory must be left alone"
+
+
+def test_a_resume_file_is_refused_where_a_model_is_read(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resume = trained["resume"]
+    cases = [
+        ["evaluate", resume, "--data", trained["data"]],
+        ["sample", resume, "-n", "3", "--out", tmp_path / "s.csv"],
+        ["score", resume, "--data", trained["data"], "--out", tmp_path / "scores.csv"],
+        ["plot", resume, "--out", tmp_path / "figures"],
+    ]
+    for argv in cases:
+        code, _, err = _run(capsys, argv)
+        _assert_refused(code, err, str(resume), "train --resume", "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote files"
+
+
+def test_samples_write_through_a_link_and_into_a_pipe(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    code, _, err = _run(capsys, ["sample", trained["model"], "-n", "3", "--out", link])
+    assert code == 0, err
+    assert link.is_symlink(), "the link was replaced by a file"
+    assert target.read_text().splitlines()[0] == "a,b", "the file behind the link was not written"
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    code, _, err = _run(capsys, ["sample", trained["model"], "-n", "3", "--out", pipe])
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert pipe.exists() and not pipe.is_file(), "the pipe was replaced by a file"
+    assert received and len(received[0].splitlines()) == 4, f"the pipe received {received}"
 
 
 def test_a_refused_output_leaves_no_temporary_file(
@@ -793,6 +834,9 @@ CHANGES = {
         (b"x,y\n1,2\n", "not a torch file of tensors and plain data"),
         (b"", "empty or cut short"),
         (b"PK\x03\x04" + b"\x00" * 40, "damaged or of another kind"),
+        # Text starting with the opcodes 's' or 'e' stops the loader with an IndexError.
+        (b"step,loss\n1,2.5\n", "damaged or of another kind"),
+        (b"epoch,train_nll\n1,2.5\n", "damaged or of another kind"),
     ],
 )
 def test_files_that_are_no_checkpoint_get_a_short_reason(

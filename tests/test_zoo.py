@@ -31,7 +31,7 @@ def test_tiny_zoo_json_has_every_run(tiny: tuple[Path, int, str]) -> None:
     assert code == 0
     assert results["models"] == list(MODELS) and results["datasets"] == list(DATASETS)
     assert results["recipe"]["epochs"] == 2 and results["seeds"] == 1
-    assert results["recipe_name"] == "short"
+    assert results["recipe_name"] == "short with --epochs 2"
     runs = {(r["model"], r["dataset"], r["seed"]): r for r in results["runs"]}
     assert set(runs) == {(m, d, 5) for m in MODELS for d in DATASETS}
     assert len(results["summary"]) == 4
@@ -54,7 +54,8 @@ def test_tiny_zoo_table_and_figure(tiny: tuple[Path, int, str]) -> None:
     assert lines[3].startswith("| planar | 160 | ") and "(gap +" in lines[3]
     assert lines[4].startswith("| nice | 17,930 | ")
     assert "nats per point" in text and "standardized coordinates" in text
-    assert "Recipe: short (2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256" in text
+    recipe = "short with --epochs 2 (2 epochs, Adam at 0.001 cosine-annealed to 1e-05, batch 256"
+    assert f"Recipe: {recipe}" in text
     image = matplotlib.image.imread(out / zoo.FIGURE_FILE)
     assert image.shape[0] > image.shape[1] > 300, f"figure of shape {image.shape}"
 

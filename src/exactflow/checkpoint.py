@@ -104,7 +104,9 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
         raise CheckpointError(
             f"{str(path)!r} is not a loadable exactflow checkpoint: it is empty or cut short"
         ) from None
-    except (RuntimeError, OSError, ValueError) as error:
+    except Exception as error:
+        # The weights-only loader runs no code, but a file of another kind can stop it with
+        # any exception (IndexError, KeyError, ... on arbitrary bytes): all mean "not ours".
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         detail = detail if len(detail) <= 80 else detail[:77] + "..."
         raise CheckpointError(

@@ -127,16 +127,16 @@ def _parser() -> _Parser:
             f"recipe ({recipe.epochs} epochs, Adam at {recipe.lr:g} cosine-annealed to "
             f"{recipe.lr_min:g}, batch {recipe.batch_size}, gradient norm clipped at "
             f"{recipe.clip:g}, best epoch kept) or a named variant (--recipe long: twice the "
-            "epochs), then report held-out NLL against the published figures and the entropy "
-            "of the true density, with figures."
+            "epochs; short: a fifth), then report held-out NLL against the published figures "
+            "and the entropy of the true density, with figures."
         ),
     )
     reproduce.add_argument(
         "--out",
         type=Path,
         default=Path("runs/reproduce"),
-        help="output folder for results.json, results.md, checkpoints and figures "
-        "(default: %(default)s)",
+        help="output folder for results.json, results.md, report.html, checkpoints and "
+        "figures (default: %(default)s)",
     )
     _add_run_options(reproduce, "reference")
     reproduce.add_argument(
@@ -161,10 +161,11 @@ def _parser() -> _Parser:
         help="train a model on a data file or a built-in dataset",
         description=(
             "Train a flow on the rows of a CSV, .npy or .npz file (or a built-in dataset) and "
-            "write model.pt, resume.pt, metrics.csv, settings.json and loss.png into --out. "
-            "Options may also come from --config FILE.toml (keys as the long options, with "
-            "underscores); flags given here win. Ctrl-C stops after the current epoch and "
-            "writes a resume.pt that --resume continues."
+            "write model.pt, resume.pt, metrics.csv, settings.json, summary.json, the figures "
+            "and report.html into --out. Options may also come from --config FILE.toml (keys "
+            "as the long options, with hyphens or underscores, plus lr-min and clip); flags "
+            "given here win. Ctrl-C stops after the current epoch and writes a resume.pt that "
+            "--resume continues."
         ),
     )
     source = train.add_mutually_exclusive_group()
@@ -306,6 +307,14 @@ def _parser() -> _Parser:
     return parser
 
 
+def _recipe_name(args: argparse.Namespace) -> str:
+    """The recipe's name for the results, saying when --epochs changed it."""
+    if args.epochs is None or args.epochs == RECIPES[args.recipe].epochs:
+        return args.recipe
+
+    return f"{args.recipe} with --epochs {args.epochs}"
+
+
 def _run_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe named by ``--recipe``, with ``--epochs`` when given."""
     recipe = RECIPES[args.recipe]
@@ -329,7 +338,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = reproduce(
         args.out,
         _run_recipe(args),
-        recipe_name=args.recipe,
+        recipe_name=_recipe_name(args),
         seeds=seeds,
         first_seed=args.seed,
         jobs=args.jobs,
@@ -365,6 +374,13 @@ TRAIN_OPTIONS = {
     "dequantize": bool,
 }
 RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "lr_min", "clip", "weight_decay")
+KINDS = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+}
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -372,16 +388,19 @@ def _config(path: Path) -> dict[str, Any]:
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such config file") from None
+        raise UsageError(f"exactflow train: --config {path}: no such config file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: not a valid TOML file ({error})") from None
+        raise UsageError(
+            f"exactflow train: --config {path}: not a valid TOML file ({error})"
+        ) from None
 
     options = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in TRAIN_OPTIONS:
             raise UsageError(
-                f"{path}: unknown option {key!r}; valid options: {', '.join(TRAIN_OPTIONS)}"
+                f"exactflow train: --config {path}: unknown option {key!r}; valid options: "
+                f"{', '.join(TRAIN_OPTIONS)}"
             )
         kind = TRAIN_OPTIONS[name]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -389,7 +408,10 @@ def _config(path: Path) -> dict[str, Any]:
         if kind is list and isinstance(value, list):
             value = [str(v) for v in value]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise UsageError(f"{path}: option {key!r} must be a {kind.__name__}, got {value!r}")
+            raise UsageError(
+                f"exactflow train: --config {path}: option {key!r} must be {KINDS[kind]}, "
+                f"got {value!r}"
+            )
         options[name] = value
 
     return options
@@ -535,7 +557,7 @@ def _zoo(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         jobs=args.jobs,
         first_seed=args.seed,
-        recipe_name=args.recipe,
+        recipe_name=_recipe_name(args),
     )
     print((args.out / TABLE_FILE).read_text(), end="")
     print(

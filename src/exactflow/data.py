@@ -206,7 +206,7 @@ def _read_numpy(path: Path) -> np.ndarray:
 
 
 def _column_indices(
-    names: list[str] | None, columns: Sequence[str], width: int, path: Path
+    names: list[str] | None, columns: Sequence[str | int], width: int, path: Path
 ) -> list[int]:
     """Return the 0-based indices of the chosen columns, given by header name or number."""
     chosen = []
@@ -230,7 +230,7 @@ def _column_indices(
 
 def read_table(
     path: str | Path,
-    columns: Sequence[str] | None = None,
+    columns: Sequence[str | int] | None = None,
     drop_invalid: bool = False,
     min_columns: int = 1,
 ) -> tuple[np.ndarray, int, list[str] | None]:

@@ -90,6 +90,7 @@ def train_run(run: Run, recipe: Recipe, out: Path) -> dict[str, Any]:
         desc=f"{run.model:>7} {run.dataset:<7} seed {run.seed}",
         position=_SLOT,
         leave=False,
+        disable=None,
         dynamic_ncols=True,
     )
     with bar:
@@ -214,8 +215,13 @@ def table(summary: Sequence[dict[str, Any]], recipe_name: str, recipe: Recipe) -
 
     notes = [
         "",
-        f"NLL in nats per point, standardized coordinates; {summary[0]['seeds']} seed(s), "
-        "mean ± standard deviation over seeds. Train and held-out NLL are in evaluation mode.",
+        "NLL in nats per point, standardized coordinates; "
+        + (
+            "1 seed."
+            if summary[0]["seeds"] == 1
+            else f"{summary[0]['seeds']} seeds, mean ± standard deviation over seeds."
+        )
+        + " Train and held-out NLL are in evaluation mode.",
         "Median: the median per-point held-out NLL. Best epoch and seconds (of training): "
         "means over seeds.",
         "Entropy floor H: the entropy of the true data density, the lowest expected held-out NLL "

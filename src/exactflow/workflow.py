@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class TrainSettings:
     model: str = "realnvp"
     data: str | None = None
     dataset: str | None = None
-    columns: list[str] | None = None
+    columns: list[str | int] | None = None
     drop_invalid: bool = False
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
@@ -352,7 +353,7 @@ def _checked_rows(
     path: str | Path,
     flow: Flow,
     payload: dict[str, Any],
-    columns: list[str] | None,
+    columns: list[str | int] | None,
     drop: bool,
 ) -> tuple[np.ndarray, int]:
     """Read rows to score with a model: its columns, dequantized as in training.
@@ -385,6 +386,23 @@ def _checked_rows(
     return rows, dropped
 
 
+def _load_model(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
+    """Load a trained model, refusing a run's ``resume.pt`` (its last state, not its best).
+
+    Raises:
+        CheckpointError: for a file that is no checkpoint, or a ``resume.pt``; the message
+            names the ``model.pt`` beside it.
+    """
+    flow, standardizer, payload = checkpoint.load(path)
+    if "training" in payload:
+        raise CheckpointError(
+            f"{str(path)!r} is a run's training state, for exactflow train --resume; the "
+            f"trained model is {str(Path(path).with_name(MODEL_FILE))!r}"
+        )
+
+    return flow, standardizer, payload
+
+
 def column_names(payload: dict[str, Any]) -> list[str] | None:
     """The names of the columns a checkpoint's model was trained on, when the data had them."""
     return payload["info"].get("columns")
@@ -400,14 +418,14 @@ def log_density(flow: Flow, standardizer: Standardizer, rows: np.ndarray) -> np.
 def evaluate(
     model: str | Path,
     data: str | Path,
-    columns: list[str] | None = None,
+    columns: list[str | int] | None = None,
     drop_invalid: bool = False,
 ) -> dict[str, float]:
     """Return the NLL of a data file under a trained model, in nats and bits per dimension.
 
     The NLL is in the data's own units: the standardization's log-det is included.
     """
-    flow, standardizer, payload = checkpoint.load(model)
+    flow, standardizer, payload = _load_model(model)
     rows, dropped = _checked_rows(data, flow, payload, columns, drop_invalid)
     nll = -log_density(flow, standardizer, rows)
     se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
@@ -429,7 +447,7 @@ def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> 
     if not temperature >= 0:
         raise ValueError(f"temperature must be non-negative, got {temperature}")
 
-    flow, standardizer, _ = checkpoint.load(model)
+    flow, standardizer, _ = _load_model(model)
     reference = next(flow.parameters())
     generator = torch.Generator().manual_seed(seed)
     z = temperature * torch.randn(n, flow.dim, generator=generator, dtype=reference.dtype)
@@ -440,20 +458,43 @@ def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> 
 
 
 def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: list[str]) -> None:
-    """Write rows to ``.npy`` or CSV (by the file's suffix), replacing the file in one step."""
+    """Write rows to ``.npy`` or CSV (by the file's suffix), replacing the file in one step.
+
+    A symbolic link is followed: the file it points to is replaced, the link stays. A path
+    that is no regular file (a pipe), or one under ``/dev`` or ``/proc`` (``/dev/stdout``), is
+    written to directly.
+
+    Raises:
+        IsADirectoryError: when ``path`` is a folder.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; give a file name to write")
+
+    def write(file: Any) -> None:
         if path.suffix == ".npy":
-            with temporary.open("wb") as file:
-                np.save(file, np.asarray(rows, dtype=np.float64))
+            np.save(file, np.asarray(rows, dtype=np.float64))
         else:
-            with temporary.open("w", newline="") as file:
-                writer = csv.writer(file)
-                writer.writerow(header)
-                writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
-        temporary.replace(path)
+            text = io.TextIOWrapper(file, newline="", encoding="utf-8")
+            writer = csv.writer(text)
+            writer.writerow(header)
+            writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
+            text.flush()
+            text.detach()
+
+    special = path.absolute().parts[1:2] in (("dev",), ("proc",))
+    if path.exists() and (special or not path.is_file()):
+        with path.open("wb") as file:
+            write(file)
+        return
+
+    target = path.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        with temporary.open("wb") as file:
+            write(file)
+        temporary.replace(target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -463,7 +504,7 @@ def score(
     model: str | Path,
     data: str | Path,
     quantile: float = 0.01,
-    columns: list[str] | None = None,
+    columns: list[str | int] | None = None,
     drop_invalid: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Score every row: its log-density in the data's units and whether it is an outlier.
@@ -477,7 +518,7 @@ def score(
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
 
-    flow, standardizer, payload = checkpoint.load(model)
+    flow, standardizer, payload = _load_model(model)
     if "train_log_density" not in payload:
         raise CheckpointError(f"{str(model)!r} holds no training log-densities to set a threshold")
     rows, _ = _checked_rows(data, flow, payload, columns, drop_invalid)
@@ -511,7 +552,7 @@ def plot(
     ``data`` when given, else the rows the model was trained on when they can be read. The loss
     curve is drawn when the checkpoint's folder has ``metrics.csv``.
     """
-    flow, standardizer, payload = checkpoint.load(model)
+    flow, standardizer, payload = _load_model(model)
     folder = Path(out) if out is not None else Path(model).parent
     folder.mkdir(parents=True, exist_ok=True)
     rows = (
@@ -560,6 +601,6 @@ def plot(
 
 def load_distribution(model: str | Path) -> FlowDistribution:
     """Load a trained model as a ``torch.distributions.Distribution`` in the data's own units."""
-    flow, standardizer, _ = checkpoint.load(model)
+    flow, standardizer, _ = _load_model(model)
 
     return FlowDistribution(flow, standardizer)
