@@ -10,6 +10,7 @@ from exactflow.bijections import PlanarFlow
 from exactflow.data import Standardizer
 from exactflow.distribution import FlowDistribution
 from exactflow.flow import Flow
+from exactflow.models import build
 
 
 @pytest.fixture(name="distribution")
@@ -58,3 +59,10 @@ def test_rsample_is_differentiable_in_the_flow_weights(distribution: FlowDistrib
 
     for name, parameter in distribution.flow.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_values_of_the_wrong_width_are_refused() -> None:
+    density = FlowDistribution(build("realnvp", 2))
+    for value in (torch.zeros(5, 3), torch.zeros(3), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="expected values with 2 coordinates"):
+            density.log_prob(value)

@@ -42,8 +42,19 @@ class FlowDistribution(Distribution):
         super().__init__(event_shape=torch.Size([flow.dim]), validate_args=False)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        """Return the log-density of ``value`` of shape ``(..., d)``, shape ``(...)``."""
+        """Return the log-density of ``value`` of shape ``(..., d)``, shape ``(...)``.
+
+        The result is in the flow's dtype and differentiable in its weights.
+
+        Raises:
+            ValueError: when the last dimension of ``value`` is not ``d``.
+        """
         value = self.flow.cast(value)
+        if value.dim() == 0 or value.shape[-1] != self.flow.dim:
+            raise ValueError(
+                f"expected values with {self.flow.dim} coordinates in the last dimension, got "
+                f"shape {tuple(value.shape)}"
+            )
         batch = value.shape[:-1]
         x = ((value - self.loc) / self.scale).reshape(-1, self.flow.dim)
         log_p = self.flow.log_prob(x) - self.scale.log().sum()
