@@ -600,6 +600,13 @@ def _tamper_moments(state: dict) -> None:
     moments["exp_avg"] = moments["exp_avg"][:10].clone()
 
 
+def _expand_moments(state: dict) -> None:
+    """Moments that are one value seen n times: a write through them would overrun it."""
+    moments = state["optimizer"]["state"][0]
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments[key] = torch.zeros(1).expand(moments[key].numel())
+
+
 def _tamper_group(state: dict) -> None:
     state["optimizer"]["param_groups"][0]["weight_decay"] = 0.5
 
@@ -625,6 +632,15 @@ def _tamper_model(state: dict) -> None:
         (lambda s: s.update(generator=torch.zeros(3)), "generator"),
         (_tamper_model, "model does not match"),
         (lambda s: s.update(best_state={}), "best_state does not match"),
+        (_expand_moments, "moments do not match"),
+        (lambda s: s["optimizer"]["state"][0]["step"].fill_(math.inf), "step count inf"),
+        (lambda s: s["optimizer"]["state"][0]["step"].fill_(1e30), "step count"),
+        (lambda s: s["optimizer"]["state"][0]["step"].fill_(-5), "step count -5"),
+        (lambda s: s["optimizer"]["state"][0]["step"].fill_(2.5), "step count 2.5"),
+        (lambda s: s["optimizer"].update(state={5: s["optimizer"]["state"][0]}), "for its epochs"),
+        (lambda s: s["optimizer"].update(state={}), "for its epochs"),
+        (lambda s: s["generator"].random_(0, 256), "generator"),
+        (lambda s: s.update(best_nll=math.nan), "best NLL nan"),
     ],
 )
 def test_a_damaged_training_state_is_refused_and_changes_nothing(tamper, needle: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from exactflow import native
 from exactflow.bijections import AffineCouplingLayer, BatchNormFlow, PlanarFlow
 from exactflow.flow import Flow
+from exactflow.fused import fuse
 from exactflow.models import build
 from exactflow.train import Recipe, Trainer, evaluate_nll, flatten_parameters
 from test_fused import autograd_reference, perturb, points
@@ -281,3 +282,41 @@ def test_units_without_a_cut_tied_cuts_and_rows_on_a_cut_match_autograd(one_thre
     assert got_loss == pytest.approx(loss.item(), abs=1e-12, rel=1e-12)
     for key, p in twin.named_parameters():
         torch.testing.assert_close(p.grad, grads[key], atol=1e-12, rtol=1e-10, msg=key)
+
+
+def test_a_layer_used_twice_trains_through_autograd(one_thread):
+    """Passes that write each layer's gradient would overwrite what autograd adds up."""
+    planar, coupling = PlanarFlow(2), AffineCouplingLayer(2, parity=0, hidden=8)
+    flow = Flow([planar, coupling, planar, coupling], 2)
+    assert native.compile_flow(flow) is None
+    assert fuse(flow) is None
+
+    x = points(2, torch.float32)
+    trainer = Trainer(flow, x, Recipe(clip=1e6), seed=0)
+    assert trainer.flat.numel() == sum(p.numel() for p in flow.parameters())
+    twin = copy.deepcopy(flow)
+    _, grads = autograd_reference(twin, x)
+    flow.train()
+    trainer.step(x)
+    for key, p in flow.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_a_very_wide_planar_layer_needs_no_stack(one_thread):
+    """Scratch lives in the workspace: three million coordinates exceed a thread's stack.
+
+    The sums over the coordinates run in double, so the float32 passes are held to float64
+    autograd (float32 autograd strays 1e-5 of the gradient's scale at this width).
+    """
+    torch.manual_seed(0)
+    flow = build("planar", 3_000_000, K=1)
+    twin, passes = compiled_twin(flow)
+    x = points(3_000_000, torch.float32, n=2)
+    loss, grads = autograd_reference(flow.double(), x.double())
+
+    got_loss, _ = passes.loss_backward(x)
+
+    assert got_loss == pytest.approx(loss.item(), rel=1e-6)
+    for key, p in twin.named_parameters():
+        scale = grads[key].abs().max().item()
+        torch.testing.assert_close(p.grad.double(), grads[key], atol=1e-6 * scale, rtol=0, msg=key)

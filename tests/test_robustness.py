@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import pickle
@@ -334,6 +335,12 @@ def test_bad_training_numbers_are_refused(
         ),
         (["evaluate", "{model}", "--data", "{data}", "--columns", "a,zz"], "'zz'"),
         (["evaluate", "{model}", "--data", "{data}", "--columns", "1,9"], "out of range"),
+        (["evaluate", "{model}", "--data", "{data}", "--columns", "a,a"], "chosen twice"),
+        (["sample", "{model}", "-n", "5", "--out", "{tmp}/s.csv", "--seed", "-5"], "--seed"),
+        (["train", "--data", "{data}", "--out", "{tmp}/run", "--seed", "-5"], "--seed"),
+        (["sample", "{model}", "-n", "5", "--out", "{model}"], "is the input file"),
+        (["score", "{model}", "--data", "{data}", "--out", "{data}"], "is the input file"),
+        (["score", "{model}", "--data", "{data}", "--out", "{model}"], "is the input file"),
     ],
 )
 def test_bad_command_numbers_are_refused(
@@ -425,6 +432,62 @@ def test_samples_write_through_a_link_and_into_a_pipe(
     assert code == 0, err
     assert pipe.exists() and not pipe.is_file(), "the pipe was replaced by a file"
     assert received and len(received[0].splitlines()) == 4, f"the pipe received {received}"
+
+
+@pytest.mark.parametrize(
+    ("column", "needle"),
+    [
+        (np.full(50, 0.1), "constant"),  # a mean that rounds off 0.1 leaves a std of 4e-16
+        (np.linspace(1.0, 2.0, 50) * 1e-300, "vary by less than 1e-150"),
+        (np.linspace(1.0, 2.0, 50) * 1e200, "too large to standardize"),
+    ],
+)
+def test_columns_that_cannot_be_standardized_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], column: np.ndarray, needle: str
+) -> None:
+    rows = np.column_stack([np.random.default_rng(0).normal(size=50), column])
+    data = tmp_path / "rows.npy"
+    np.save(data, rows)
+    code, _, err = _run(capsys, ["train", "--data", data, "--out", tmp_path / "run"])
+
+    _assert_refused(code, err, "column(s) 2", needle)
+    assert not (tmp_path / "run" / "model.pt").exists(), "a refused run wrote a model"
+
+
+def test_rows_beyond_the_model_range_are_refused_or_dropped(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _raw_rows(10, seed=3)
+    rows[4, 0] = 1e30  # finite, but about 1e28 standard deviations out
+    data = _write_csv(tmp_path / "far.csv", rows, ["a", "b"])
+
+    code, _, err = _run(capsys, ["evaluate", trained["model"], "--data", data])
+    _assert_refused(code, err, "1 row(s) lie beyond", "first rows: 5", "--drop-invalid")
+
+    scores = tmp_path / "scores.csv"
+    argv = ["score", trained["model"], "--data", data, "--out", scores, "--drop-invalid"]
+    code, _, err = _run(capsys, argv)
+    assert code == 0, err
+    table = np.loadtxt(scores, delimiter=",", skiprows=1)
+    assert table.shape == (9, 2) and np.isfinite(table).all(), "a far row was scored"
+
+
+def test_evaluate_json_is_standard_json_for_an_infinite_nll(
+    trained: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = {"rows": 3, "rows_dropped": 0, "nll_mean": math.inf, "nll_median": 1.0}
+    result |= {"nll_se": math.nan, "bits_per_dim": math.inf}
+    monkeypatch.setattr(workflow, "evaluate", lambda *args: result)
+    argv = ["evaluate", trained["model"], "--data", trained["data"], "--json"]
+    code, out, err = _run(capsys, argv)
+
+    assert code == 0, err
+    parsed = json.loads(out, parse_constant=_no_constant)
+    assert parsed["nll_mean"] is None and parsed["nll_se"] is None and parsed["rows"] == 3
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} is not standard JSON")
 
 
 def test_a_refused_output_leaves_no_temporary_file(
@@ -882,6 +945,33 @@ MALFORMED = {
         "standardizer": {"mean": [0.0], "std": [1.0]},
     },
     "state that is not a mapping": lambda p: {**p, "state": None},
+    "info that is a list": lambda p: {**p, "info": []},
+    "column names that are a number": lambda p: {**p, "info": {**p["info"], "columns": 5}},
+    "settings that are text": lambda p: {**p, "info": {**p["info"], "settings": "x"}},
+    "training log-densities that are text": lambda p: {**p, "train_log_density": "x"},
+    "no training log-densities": lambda p: {**p, "train_log_density": torch.zeros(0)},
+    "training log-densities in a table": lambda p: {
+        **p,
+        "train_log_density": torch.zeros(3, 3),
+    },
+    "a NaN weight": lambda p: {
+        **p,
+        "state": {
+            k: v.clone().fill_(math.nan) if k.endswith("beta") else v
+            for k, v in p["state"].items()
+        },
+    },
+    "a negative variance": lambda p: {
+        **p,
+        "state": {k: -v if k.endswith("running_var") else v for k, v in p["state"].items()},
+    },
+    # Options are bounded by the weights the file carries before anything is built.
+    "a huge hidden width": lambda p: {**p, "model": {**p["model"], "options": {"hidden": 60000}}},
+    "ten million planar layers": lambda p: {
+        **p,
+        "model": {"name": "planar", "dim": 2, "options": {"K": 10**7}},
+    },
+    "a width that is text": lambda p: {**p, "model": {**p["model"], "options": {"hidden": "64"}}},
 }
 
 

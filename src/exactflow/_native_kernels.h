@@ -179,6 +179,19 @@ typedef struct {
 
 #define Saved FN(Saved)
 
+/* Scratch of the backward passes, sized for the widest segment. */
+typedef struct {
+    REAL *g_out; /* coupling: gradients in both nets' outputs, 2 × n × nf */
+    REAL *g_a2;  /* coupling: gradient in the second layer's pre-activation, n × h */
+    REAL *g_a1;  /* coupling: gradient in the first layer's pre-activation, n × h */
+    REAL *g_w1k; /* coupling: gradient in the first layer's kept columns, nk × h */
+    double *sums; /* one kept coordinate: S and T of scalar_backward, 2 × (h + 2) × h */
+    REAL *G, *Gx; /* one kept coordinate: one unit's gated sums, h each */
+    double *g_u_hat, *g_weight; /* planar: gradients in u_hat and w, summed in double */
+} FN(Scratch);
+
+#define Scratch FN(Scratch)
+
 /* A coupling with one kept coordinate x (every coupling in two dimensions) reads it through
  * h1 = leaky(w x + c), w and c the first layer's kept column and bias. Each unit k changes
  * slope where w_k x + c_k = 0, at the cut -c_k / w_k; between consecutive cuts every unit keeps
@@ -211,13 +224,13 @@ static inline double FN(gate)(REAL w, REAL c, int32_t rank, int64_t p, double sl
     return on ? 1.0 : slope;
 }
 
-CLONES static void FN(pieces)(const Record *rec, int net, REAL slope, Saved *sv)
+/* order, a and b: room for h cuts and 2 h doubles. */
+CLONES static void FN(pieces)(
+    const Record *rec, int net, REAL slope, Saved *sv, FN(Cut) *order, double *a, double *b)
 {
     int64_t h = rec->hidden;
     const REAL *w = sv->w1k[net], *c = (const REAL *)rec->value[net * 6 + 1];
     const REAL *b2 = (const REAL *)rec->value[net * 6 + 3], *w2t = sv->w2t[net];
-    FN(Cut) order[h];
-    double a[h], b[h];
     int64_t m = 0;
 
     for (int64_t u = 0; u < h; u++) {
@@ -297,7 +310,7 @@ CLONES static void FN(scalar_hidden)(
  * dw_k = W2[:, k] . Gx and dc_k = W2[:, k] . G, and each row's d x = g_a2 . A[p]. */
 CLONES static void FN(scalar_backward)(
     const Record *rec, int net, REAL slope, const Saved *sv, const REAL *g_a2, REAL *g_x,
-    int64_t n, double *sums)
+    int64_t n, const Scratch *scratch)
 {
     int64_t d = rec->dim, h = rec->hidden, parity = rec->parity, m = sv->cut_count[net];
     const REAL *w = sv->w1k[net], *c = (const REAL *)rec->value[net * 6 + 1];
@@ -305,9 +318,10 @@ CLONES static void FN(scalar_backward)(
     REAL *gw1 = (REAL *)rec->grad[net * 6 + 0], *gb1 = (REAL *)rec->grad[net * 6 + 1];
     REAL *gw2 = (REAL *)rec->grad[net * 6 + 2];
     /* Row q of S and T holds the sums over the pieces below q, once accumulated. */
-    double *S = sums, *T = sums + (m + 2) * h;
+    double *S = scratch->sums, *T = scratch->sums + (m + 2) * h;
+    REAL *G = scratch->G, *Gx = scratch->Gx;
 
-    memset(sums, 0, (size_t)(2 * (m + 2) * h) * sizeof(double));
+    memset(S, 0, (size_t)(2 * (m + 2) * h) * sizeof(double));
     for (int64_t i = 0; i < n; i++) {
         int64_t p = sv->piece[net][i];
         REAL xi = x[i * d + parity];
@@ -326,7 +340,6 @@ CLONES static void FN(scalar_backward)(
         }
 
     const double *S_all = S + (m + 1) * h, *T_all = T + (m + 1) * h;
-    REAL G[h], Gx[h];
     memset(gw1, 0, (size_t)(h * d) * sizeof(REAL));
     for (int64_t u = 0; u < h; u++) {
         int32_t r = sv->rank[net][u];
@@ -357,6 +370,9 @@ CLONES static void FN(prepare)(const Record *rec, const double *k, Saved *sv, in
     memset(sv, 0, sizeof *sv);
     if (rec->op == OP_COUPLING) {
         int64_t nk = (d - rec->parity + 1) / 2, nf = d - nk;
+        /* Room for the piece tables' sort and sums, reused by both nets. */
+        FN(Cut) *order = (FN(Cut) *)arena_take(arena, h * (int64_t)sizeof(FN(Cut)));
+        double *tables = (double *)arena_take(arena, 2 * h * (int64_t)sizeof(double));
         for (int net = 0; net < 2; net++) {
             sv->w1k[net] = FN(take)(arena, nk * h);
             sv->w2t[net] = FN(take)(arena, h * h);
@@ -379,7 +395,7 @@ CLONES static void FN(prepare)(const Record *rec, const double *k, Saved *sv, in
                     sv->w1k[net][kk * h + o] = w1[o * d + rec->parity + 2 * kk];
             FN(transpose)(w2, h, h, h, sv->w2t[net]);
             if (nk == 1)
-                FN(pieces)(rec, net, (REAL)k[0], sv);
+                FN(pieces)(rec, net, (REAL)k[0], sv, order, tables, tables + h);
         }
         sv->s = FN(take)(arena, n * nf);
         sv->e = FN(take)(arena, n * nf);
@@ -392,20 +408,22 @@ CLONES static void FN(prepare)(const Record *rec, const double *k, Saved *sv, in
         if (!arena->base)
             return;
         const REAL *w = (const REAL *)rec->value[0], *u = (const REAL *)rec->value[1];
-        REAL wu = 0, ww = 0;
+        /* Sums over the coordinates in double, so that wide layers stay accurate. */
+        double wu_sum = 0, ww_sum = 0;
         for (int64_t c = 0; c < d; c++) {
-            wu += w[c] * u[c];
-            ww += w[c] * w[c];
+            wu_sum += (double)w[c] * u[c];
+            ww_sum += (double)w[c] * w[c];
         }
+        REAL wu = (REAL)wu_sum, ww = (REAL)ww_sum;
         /* softplus as torch computes it: the identity above 20. */
         REAL softplus = wu > 20 ? wu : FN(log1p)(R_EXP(wu));
         REAL coef = (softplus - 1 - wu) / ww;
-        REAL c_ = 0;
+        double c_sum = 0;
         for (int64_t c = 0; c < d; c++) {
             sv->u_hat[c] = u[c] + coef * w[c];
-            c_ += w[c] * sv->u_hat[c];
+            c_sum += (double)w[c] * sv->u_hat[c];
         }
-        sv->c = c_;
+        sv->c = (REAL)c_sum;
         sv->wu = wu;
         sv->ww = ww;
         sv->coef = coef;
@@ -469,16 +487,6 @@ CLONES static void FN(coupling_forward)(
     }
 }
 
-/* Scratch of the backward passes, sized for the widest segment. */
-typedef struct {
-    REAL *g_out; /* coupling: gradients in both nets' outputs, 2 × n × nf */
-    REAL *g_a2;  /* coupling: gradient in the second layer's pre-activation, n × h */
-    REAL *g_a1;  /* coupling: gradient in the first layer's pre-activation, n × h */
-    REAL *g_w1k; /* coupling: gradient in the first layer's kept columns, nk × h */
-    double *sums; /* one kept coordinate: S and T of scalar_backward, 2 × (h + 2) × h */
-} FN(Scratch);
-
-#define Scratch FN(Scratch)
 
 static void FN(reserve_scratch)(
     const Record *program, int64_t segments, int64_t n, Scratch *scratch, Arena *arena)
@@ -492,6 +500,10 @@ static void FN(reserve_scratch)(
     scratch->g_a1 = FN(take)(arena, n * h);
     scratch->g_w1k = FN(take)(arena, d * h);
     scratch->sums = (double *)arena_take(arena, 2 * (h + 2) * h * (int64_t)sizeof(double));
+    scratch->G = FN(take)(arena, h);
+    scratch->Gx = FN(take)(arena, h);
+    scratch->g_u_hat = (double *)arena_take(arena, d * (int64_t)sizeof(double));
+    scratch->g_weight = (double *)arena_take(arena, d * (int64_t)sizeof(double));
 }
 
 /* Given g_y, the gradient of the loss in y, and g_ld, its derivative in every row's log-det:
@@ -568,7 +580,7 @@ CLONES static void FN(coupling_backward)(
         }
 
         if (nk == 1) {
-            FN(scalar_backward)(rec, net, slope, sv, g_a2, g_x, n, scratch->sums);
+            FN(scalar_backward)(rec, net, slope, sv, g_a2, g_x, n, scratch);
             continue;
         }
 
@@ -694,10 +706,10 @@ CLONES static void FN(planar_forward)(
     for (int64_t i = 0; i < n; i++) {
         const REAL *xi = x + i * d;
         REAL *yi = y + i * d;
-        REAL a = b;
+        double a = b;
         for (int64_t c = 0; c < d; c++)
-            a += xi[c] * w[c];
-        REAL t = R_TANH(a);
+            a += (double)xi[c] * w[c];
+        REAL t = R_TANH((REAL)a);
         for (int64_t c = 0; c < d; c++)
             yi[c] = xi[c] + sv->u_hat[c] * t;
         sv->tanh_a[i] = t;
@@ -706,15 +718,16 @@ CLONES static void FN(planar_forward)(
 }
 
 CLONES static void FN(planar_backward)(
-    const Record *rec, const Saved *sv, const REAL *g_y, REAL g_ld, REAL *g_x, int64_t n)
+    const Record *rec, const Saved *sv, const REAL *g_y, REAL g_ld, REAL *g_x, int64_t n,
+    const Scratch *scratch)
 {
     int64_t d = rec->dim;
     const REAL *w = (const REAL *)rec->value[0], *u = (const REAL *)rec->value[1];
     REAL *g_w = (REAL *)rec->grad[0], *g_u = (REAL *)rec->grad[1], *g_b = (REAL *)rec->grad[2];
     const REAL *x = sv->x, *u_hat = sv->u_hat;
     REAL c = sv->c;
-    REAL g_c = 0, g_bias = 0;
-    REAL g_u_hat[d], g_weight[d];
+    double g_c = 0, g_bias = 0;
+    double *g_u_hat = scratch->g_u_hat, *g_weight = scratch->g_weight;
 
     for (int64_t e = 0; e < d; e++)
         g_u_hat[e] = g_weight[e] = 0;
@@ -722,11 +735,11 @@ CLONES static void FN(planar_backward)(
     for (int64_t i = 0; i < n; i++) {
         const REAL *gi = g_y + i * d, *xi = x + i * d;
         REAL t = sv->tanh_a[i], q = 1 - t * t, denominator = 1 + q * c;
-        REAL g_t = -2 * g_ld * t * c / denominator;
+        double g_t = -2 * g_ld * t * c / denominator;
         g_c += g_ld * q / denominator;
         for (int64_t e = 0; e < d; e++)
-            g_t += gi[e] * u_hat[e];
-        REAL g_a = g_t * q;
+            g_t += (double)gi[e] * u_hat[e];
+        REAL g_a = (REAL)g_t * q;
         for (int64_t e = 0; e < d; e++) {
             g_x[i * d + e] = gi[e] + g_a * w[e];
             g_u_hat[e] += t * gi[e];
@@ -736,20 +749,21 @@ CLONES static void FN(planar_backward)(
     }
 
     /* u_hat = u + coef w, coef = (softplus(wu) - 1 - wu) / ww, and c = w^T u_hat. */
-    REAL g_coef = 0;
+    double g_coef = 0;
     for (int64_t e = 0; e < d; e++) {
         g_u_hat[e] += g_c * w[e];
         g_weight[e] += g_c * u_hat[e];
         g_coef += g_u_hat[e] * w[e];
     }
     REAL sigmoid = 1 / (1 + R_EXP(-sv->wu));
-    REAL g_wu = g_coef * (sigmoid - 1) / sv->ww;
-    REAL g_ww = -g_coef * sv->coef / sv->ww;
+    REAL g_wu = (REAL)g_coef * (sigmoid - 1) / sv->ww;
+    REAL g_ww = -(REAL)g_coef * sv->coef / sv->ww;
     for (int64_t e = 0; e < d; e++) {
-        g_w[e] = g_weight[e] + sv->coef * g_u_hat[e] + g_wu * u[e] + 2 * g_ww * w[e];
-        g_u[e] = g_u_hat[e] + g_wu * w[e];
+        REAL g_hat = (REAL)g_u_hat[e];
+        g_w[e] = (REAL)g_weight[e] + sv->coef * g_hat + g_wu * u[e] + 2 * g_ww * w[e];
+        g_u[e] = g_hat + g_wu * w[e];
     }
-    g_b[0] = g_bias;
+    g_b[0] = (REAL)g_bias;
 }
 
 /* One segment forward: y and the log-dets from x. */
@@ -771,10 +785,10 @@ static void FN(finish)(const REAL *z, const REAL *log_det, REAL *log_p, int64_t 
 {
     REAL constant = (REAL)(0.5 * (double)d * log(2.0 * M_PI));
     for (int64_t i = 0; i < n; i++) {
-        REAL squares = 0;
+        double squares = 0;
         for (int64_t c = 0; c < d; c++)
-            squares += z[i * d + c] * z[i * d + c];
-        log_p[i] = -(REAL)0.5 * squares - constant + log_det[i];
+            squares += (double)z[i * d + c] * z[i * d + c];
+        log_p[i] = -(REAL)(0.5 * squares) - constant + log_det[i];
     }
 }
 
@@ -859,7 +873,7 @@ CLONES static int64_t FN(loss_backward)(
         else if (rec->op == OP_BATCHNORM)
             FN(batchnorm_backward)(rec, &saved[s], g, g_ld, g_next, n, training);
         else
-            FN(planar_backward)(rec, &saved[s], g, g_ld, g_next, n);
+            FN(planar_backward)(rec, &saved[s], g, g_ld, g_next, n, &scratch);
         REAL *swap = g;
         g = g_next;
         g_next = swap;

@@ -136,24 +136,82 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
     return flow, standardizer, payload
 
 
-def _restore(payload: dict[str, Any]) -> tuple[Flow, Standardizer]:
-    """Build the model a checkpoint names, load its weights, and read its standardization."""
+def _check_plain_data(payload: dict[str, Any]) -> None:
+    """Check the plain data beside the weights, which the commands read."""
+    info = payload["info"]
+    if not isinstance(info, dict):
+        raise CheckpointError("has info that is not a table of settings")
+    columns = info.get("columns")
+    if columns is not None and not (
+        isinstance(columns, list) and all(isinstance(c, str) for c in columns)
+    ):
+        raise CheckpointError("has column names that are not a list of names")
+    if not isinstance(info.get("settings", {}), dict):
+        raise CheckpointError("has training settings that are not a table")
+    log_density = payload.get("train_log_density")
+    if log_density is not None and not (
+        isinstance(log_density, torch.Tensor)
+        and log_density.dim() == 1
+        and log_density.numel() > 0
+        and log_density.is_floating_point()
+        and not log_density.isnan().any()
+    ):
+        raise CheckpointError("has training log-densities that are not one number per row")
+    state = payload["state"]
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError("has weights that are not a table of tensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"has non-finite values in {name}")
+        if name.endswith("running_var") and not (tensor > 0).all():
+            raise CheckpointError(f"has a non-positive variance in {name}")
+
+
+def _build(model: Any, state: dict[str, torch.Tensor]) -> Flow:
+    """Build the model a checkpoint names, its size bounded by the weights it carries.
+
+    Every option must be a whole number no larger than the widest tensor or the number of
+    tensors, and the model is first built without memory to compare its tensors' shapes.
+    """
     try:
-        model = payload["model"]
-        flow = build(model["name"], model["dim"], **model.get("options", {}))
+        name, dim, options = model["name"], model["dim"], model.get("options", {})
+        bound = max([len(state), *(max(t.shape, default=1) for t in state.values())])
+        values = [dim, *options.values()]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError("its dimension and options must be whole numbers")
+        if not all(1 <= v <= bound for v in values):
+            raise ValueError(f"its dimension and options {values} do not fit its weights")
+        with torch.device("meta"):
+            shapes = {k: t.shape for k, t in build(name, dim, **options).state_dict().items()}
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"names a model that cannot be built ({error})") from None
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"does not match model {name!r}: missing weights {missing}, unexpected weights "
+            f"{unexpected}"
+        )
+    for key, shape in shapes.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"does not match model {name!r}: size mismatch for {key}: "
+                f"{tuple(state[key].shape)} in the file, {tuple(shape)} in the model"
+            )
+
+    return build(name, dim, **options)
+
+
+def _restore(payload: dict[str, Any]) -> tuple[Flow, Standardizer]:
+    """Build the model a checkpoint names, load its weights, and read its standardization."""
+    _check_plain_data(payload)
+    model = payload["model"]
+    flow = _build(model, payload["state"])
     try:
-        result = flow.load_state_dict(payload["state"], strict=False)
+        flow.load_state_dict(payload["state"])
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
             f"does not match model {model['name']!r}: {str(error).splitlines()[-1]}"
         ) from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"does not match model {model['name']!r}: missing weights "
-            f"{result.missing_keys}, unexpected weights {result.unexpected_keys}"
-        )
     flow.eval()
 
     try:

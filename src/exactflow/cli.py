@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -33,6 +34,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**32 - 1, got {value}")
+
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -99,7 +108,7 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: str) -> None:
         help=f"epochs per run (default: the recipe's; {RECIPES[recipe].epochs} for {recipe})",
     )
     parser.add_argument(
-        "--seed", type=_int, default=0, help="the first seed (default: %(default)s)"
+        "--seed", type=_seed, default=0, help="the first seed (default: %(default)s)"
     )
     parser.add_argument(
         "--jobs",
@@ -197,7 +206,7 @@ def _parser() -> _Parser:
         help="decoupled weight decay in [0, 1), as in AdamW (default: 0, none)",
     )
     train.add_argument(
-        "--seed", type=_int, help="seeds the split, initialization and batch order (default: 0)"
+        "--seed", type=_seed, help="seeds the split, initialization and batch order (default: 0)"
     )
     train.add_argument(
         "--val-fraction",
@@ -241,7 +250,7 @@ def _parser() -> _Parser:
         default=1.0,
         help="scale of the base Gaussian, at least 0 (default: %(default)s)",
     )
-    sample.add_argument("--seed", type=_int, default=0, help="(default: %(default)s)")
+    sample.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
 
     score = commands.add_parser(
         "score",
@@ -328,7 +337,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     start = time.perf_counter()
-    models = args.models or list(REFERENCE_MODELS)
+    models = list(dict.fromkeys(args.models or REFERENCE_MODELS))
     unknown = sorted(set(models) - set(REFERENCE_MODELS))
     if unknown:
         raise UsageError(
@@ -486,10 +495,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from exactflow import workflow
+    from exactflow.experiments import json_safe
 
     result = workflow.evaluate(args.checkpoint, args.data, args.columns, args.drop_invalid)
     if args.json:
-        print(json.dumps(result, indent=2))
+        # Standard JSON: a value that is not finite (an infinite NLL) is written as null.
+        print(json.dumps(json_safe(result), indent=2))
         return 0
 
     dropped = f" ({result['rows_dropped']} invalid rows dropped)" if result["rows_dropped"] else ""
@@ -502,9 +513,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_to_overwrite(command: str, out: Path, *inputs: Path | str) -> None:
+    """Refuse an output path that is one of the command's input files."""
+    for given in inputs:
+        if out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise UsageError(
+                f"exactflow {command}: --out {out} is the input file {given}; choose another "
+                "file to write"
+            )
+
+
 def _sample(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
+    _refuse_to_overwrite("sample", args.out, args.checkpoint)
     rows = workflow.draw(args.checkpoint, args.n, args.temperature, args.seed)
     names = workflow.column_names(checkpoint.load(args.checkpoint)[2])
     header = names or [f"x{i + 1}" for i in range(rows.shape[1])]
@@ -517,6 +539,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
+    _refuse_to_overwrite("score", args.out, args.checkpoint, args.data)
     log_p, outlier, threshold = workflow.score(
         args.checkpoint, args.data, args.quantile, args.columns, args.drop_invalid
     )

@@ -224,6 +224,8 @@ def _column_indices(
                 f"{path}: column {number} is out of range; columns are numbered 1 to {width}"
             )
         chosen.append(number - 1)
+    if len(set(chosen)) != len(chosen):
+        raise DataError(f"{path}: a column is chosen twice in {', '.join(map(str, columns))}")
 
     return chosen
 

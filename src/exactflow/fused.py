@@ -510,13 +510,29 @@ class FusedFlow:
         return -log_p.mean()
 
 
+def shares_parameters(flow: Flow) -> bool:
+    """Whether a parameter appears in more than one place of the flow (a layer used twice).
+
+    Passes that write each layer's gradient into its parameters' ``.grad`` would overwrite
+    where autograd adds, so such flows train through autograd.
+    """
+    seen = [
+        id(p) for layer in flow.layers for _, p in layer.named_parameters(remove_duplicate=False)
+    ]
+
+    return len(seen) != len(set(seen))
+
+
 def fuse(flow: Flow) -> FusedFlow | None:
     """Return the fast passes of ``flow``, or ``None`` when a layer has no fast form.
 
     Affine couplings (with the reference networks), batch-norm flows, actnorm, LU-factored
     linear layers, planar and radial layers have one; consecutive planar layers are fused into
-    one stack, as are consecutive radial ones.
+    one stack, as are consecutive radial ones. A flow that uses a parameter in two places
+    (:func:`shares_parameters`) has none.
     """
+    if shares_parameters(flow):
+        return None
     segments: list[_Segment] = []
     run: list[Bijection] = []
     for layer in [*flow.layers, None]:
@@ -546,7 +562,8 @@ def parameter_order(flow: Flow) -> list[nn.Parameter]:
     """Return the trainable parameters of ``flow``, in the order the fast passes read best.
 
     Within each affine coupling the scale and shift nets' weights of one depth come together,
-    so that their stacked views in a flat buffer are contiguous; all else keeps its order.
+    so that their stacked views in a flat buffer are contiguous; all else keeps its order. A
+    parameter serving in two places is listed once, where it first appears.
     """
     ordered: list[nn.Parameter] = []
     for layer in flow.layers:
@@ -554,8 +571,9 @@ def parameter_order(flow: Flow) -> list[nn.Parameter]:
             ordered.extend(_Coupling.order(layer))
         else:
             ordered.extend(layer.parameters())
+    unique = list({id(p): p for p in ordered}.values())
 
-    return [p for p in ordered if p.requires_grad]
+    return [p for p in unique if p.requires_grad]
 
 
 def reference_nets(layer: AffineCouplingLayer) -> bool:

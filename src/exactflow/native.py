@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from exactflow.bijections import AffineCouplingLayer, BatchNormFlow, PlanarFlow
 from exactflow.flow import Flow
-from exactflow.fused import reference_nets
+from exactflow.fused import reference_nets, shares_parameters
 
 try:
     from exactflow import _native
@@ -147,6 +147,7 @@ class NativeFlow:
 
     def _rows(self, x: Tensor, training: bool) -> Tensor:
         """``x`` as contiguous rows of the flow's dtype, checked."""
+        x = torch.as_tensor(x)
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected points with {self.dim} coordinates, got {tuple(x.shape)}")
         if training and self._batch_norms and x.shape[0] < 2:
@@ -276,6 +277,12 @@ def adam(optimizer: torch.optim.Adam) -> Callable[[], None] | None:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param)
             state["exp_avg_sq"] = torch.zeros_like(param)
+        moments = (state["exp_avg"], state["exp_avg_sq"])
+        if not all(
+            m.is_contiguous() and m.dtype == param.dtype and m.shape == param.shape
+            for m in moments
+        ):
+            raise RuntimeError("Adam's moments are not contiguous tensors shaped like the weights")
         count = state["step"]
         count += 1
         beta1, beta2 = group["betas"]
@@ -283,8 +290,8 @@ def adam(optimizer: torch.optim.Adam) -> Callable[[], None] | None:
             param.dtype == torch.float64,
             param.data_ptr(),
             param.grad.data_ptr(),
-            state["exp_avg"].data_ptr(),
-            state["exp_avg_sq"].data_ptr(),
+            moments[0].data_ptr(),
+            moments[1].data_ptr(),
             param.numel(),
             int(count),
             group["lr"],
@@ -302,11 +309,12 @@ def compile_flow(flow: Flow) -> NativeFlow | None:
 
     They apply when the extension is available and every layer is a reference affine coupling
     (leaky-ReLU nets, tanh on the scale; :func:`exactflow.fused.reference_nets`), a batch-norm
-    flow or a planar flow, with contiguous float32 or float64 tensors on the CPU. They train
+    flow or a planar flow, with contiguous float32 or float64 tensors on the CPU, and no
+    parameter serves twice (:func:`exactflow.fused.shares_parameters`). They train
     when every parameter has a gradient tensor, as in :class:`~exactflow.train.Trainer`;
     otherwise they only score.
     """
-    if _native is None or not flow.layers:
+    if _native is None or not flow.layers or shares_parameters(flow):
         return None
     for layer in flow.layers:
         if isinstance(layer, AffineCouplingLayer):

@@ -462,6 +462,10 @@ class Trainer:
                 return f"its {key} does not match the model's tensors"
         if not _same_tensors({"g": state["generator"]}, {"g": fresh["generator"]}):
             return "its random generator state is not one"
+        try:
+            torch.Generator().set_state(state["generator"])
+        except RuntimeError:
+            return "its random generator state is not one"
         epoch, best = state["epoch"], state["best_epoch"]
         if not (_is_int(epoch) and 0 <= epoch <= self.recipe.epochs):
             return f"its epoch {epoch!r} is not a count within the recipe's {self.recipe.epochs}"
@@ -469,6 +473,8 @@ class Trainer:
             return f"its best epoch {best!r} is not within its {epoch} epochs"
         if not all(_is_number(state[key]) for key in ("best_nll", "seconds")):
             return "its best NLL or seconds are not numbers"
+        if math.isnan(state["best_nll"]) or (best > 0) != math.isfinite(state["best_nll"]):
+            return f"its best NLL {state['best_nll']!r} does not fit its best epoch {best}"
         names = {f.name for f in fields(Epoch)}
         history = state["history"]
         if not (
@@ -487,19 +493,24 @@ class Trainer:
         settings = {k: v for k, v in expected["param_groups"][0].items() if k != "lr"}
         if {k: v for k, v in groups[0].items() if k != "lr"} != settings:
             return "its optimizer settings differ from the run's recipe"
+        # One parameter (the flat buffer): its moments under key 0 once a step was taken.
         moments = optimizer["state"]
-        if not isinstance(moments, dict) or len(moments) > 1:
-            return "its optimizer state is not Adam's"
+        if not isinstance(moments, dict) or set(moments) != ({0} if epoch > 0 else set()):
+            return "its optimizer state is not Adam's for its epochs"
         for moment in moments.values():
             like = {"exp_avg": self.flat, "exp_avg_sq": self.flat}
             if not (
                 isinstance(moment, dict)
                 and moment.keys() == {*like, "step"}
                 and _same_tensors({k: moment[k] for k in like}, like)
+                and all(moment[k].is_contiguous() for k in like)
                 and isinstance(moment["step"], torch.Tensor)
                 and moment["step"].numel() == 1
             ):
                 return "its optimizer moments do not match the parameters"
+            step = moment["step"].item()
+            if not (1 <= step <= 2**24 and step == int(step)):
+                return f"its optimizer step count {step!r} is not a count of steps"
 
         return None
 

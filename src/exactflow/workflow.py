@@ -84,6 +84,8 @@ class TrainSettings:
             raise ValueError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be at least 1, got {self.patience}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be from 0 to 2**32 - 1, got {self.seed}")
 
     def as_dict(self) -> dict[str, Any]:
         """Return the settings as plain data."""
@@ -204,15 +206,46 @@ def _save_resumable(run: _Run, path: Path) -> None:
     )
 
 
+def _fit_standardizer(rows: np.ndarray) -> Standardizer:
+    """Fit the standardization, refusing columns it cannot scale.
+
+    Raises:
+        DataError: naming the columns that are constant (up to the rounding of their mean),
+            too large for float64 arithmetic, or spread too narrowly to divide by.
+    """
+    standardizer = Standardizer.fit(rows)
+    mean, std = standardizer.mean, standardizer.std
+
+    def named(mask: np.ndarray) -> str:
+        return ", ".join(str(i + 1) for i in np.flatnonzero(mask))
+
+    huge = ~(np.isfinite(mean) & np.isfinite(std))
+    if huge.any():
+        raise DataError(
+            f"column(s) {named(huge)} hold values too large to standardize in float64 "
+            "arithmetic; rescale them"
+        )
+    # Equal values whose mean rounds off them leave a std of rounding noise, not zero.
+    constant = rows.max(0) - rows.min(0) <= 1e-12 * np.abs(mean)
+    if constant.any():
+        raise DataError(
+            f"column(s) {named(constant)} are constant in the training rows; drop them"
+        )
+    narrow = std < 1e-150
+    if narrow.any():
+        raise DataError(
+            f"column(s) {named(narrow)} vary by less than 1e-150; rescale them before training"
+        )
+
+    return standardizer
+
+
 def _prepare(settings: TrainSettings) -> _Run:
     """Load and split the data, fit the standardization, build the model and its trainer."""
     device = _device(settings.device)
     rows, dropped, names = load_rows(settings)
     train_rows, val_rows = split_rows(rows, settings.val_fraction, settings.seed)
-    standardizer = Standardizer.fit(train_rows)
-    if (standardizer.std == 0).any():
-        constant = ", ".join(str(i + 1) for i in np.flatnonzero(standardizer.std == 0))
-        raise DataError(f"column(s) {constant} are constant in the training rows; drop them")
+    standardizer = _fit_standardizer(train_rows)
 
     torch.manual_seed(settings.seed)
     flow = build(settings.model, rows.shape[1]).to(device)
@@ -352,6 +385,7 @@ def _execute(run: _Run, progress: bool, stop: Any) -> dict[str, Any]:
 def _checked_rows(
     path: str | Path,
     flow: Flow,
+    standardizer: Standardizer,
     payload: dict[str, Any],
     columns: list[str | int] | None,
     drop: bool,
@@ -382,6 +416,23 @@ def _checked_rows(
         )
     if payload["info"].get("settings", {}).get("dequantize"):
         rows = dequantize(rows, seed=0)
+
+    # Rows that standardize beyond the range of the model's dtype have no density it can
+    # compute; they are refused (or dropped) as rows with infinity are.
+    dtype = next(flow.parameters()).dtype
+    limit = torch.finfo(dtype).max ** 0.5
+    far = ~(np.abs(standardizer.transform(rows)) < limit).all(axis=1)
+    if far.any():
+        if not drop:
+            first = ", ".join(str(i + 1) for i in np.flatnonzero(far)[:5])
+            raise DataError(
+                f"{path}: {int(far.sum())} row(s) lie beyond {limit:.0e} standard deviations of "
+                f"the training rows, past what the model computes in {dtype} (first rows: "
+                f"{first}); pass --drop-invalid to drop them"
+            )
+        rows, dropped = rows[~far], dropped + int(far.sum())
+        if len(rows) == 0:
+            raise DataError(f"{path}: no rows left after dropping invalid ones")
 
     return rows, dropped
 
@@ -426,7 +477,7 @@ def evaluate(
     The NLL is in the data's own units: the standardization's log-det is included.
     """
     flow, standardizer, payload = _load_model(model)
-    rows, dropped = _checked_rows(data, flow, payload, columns, drop_invalid)
+    rows, dropped = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
     nll = -log_density(flow, standardizer, rows)
     se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
 
@@ -521,12 +572,13 @@ def score(
     flow, standardizer, payload = _load_model(model)
     if "train_log_density" not in payload:
         raise CheckpointError(f"{str(model)!r} holds no training log-densities to set a threshold")
-    rows, _ = _checked_rows(data, flow, payload, columns, drop_invalid)
+    rows, _ = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
     log_p = log_density(flow, standardizer, rows)
     reference = payload["train_log_density"].double().numpy() + standardizer.log_det
     threshold = float(np.quantile(reference, quantile))
 
-    return log_p, log_p < threshold, threshold
+    # A log-density that is not a number counts as an outlier: nothing vouches for the row.
+    return log_p, ~(log_p >= threshold), threshold
 
 
 def _training_rows(payload: dict[str, Any]) -> np.ndarray | None:
@@ -556,7 +608,7 @@ def plot(
     folder = Path(out) if out is not None else Path(model).parent
     folder.mkdir(parents=True, exist_ok=True)
     rows = (
-        _checked_rows(data, flow, payload, None, True)[0]
+        _checked_rows(data, flow, standardizer, payload, None, True)[0]
         if data is not None
         else _training_rows(payload)
     )
