@@ -35,7 +35,7 @@ from torch import nn
 from exactflow import checkpoint, cli, models, plotting, workflow
 from exactflow.bijections import AffineCouplingLayer, BatchNormFlow
 from exactflow.checkpoint import CheckpointError
-from exactflow.data import DataError, read_table, split_rows
+from exactflow.data import DataError, Standardizer, read_table, split_rows
 from exactflow.evaluation import Grid, grid_log_prob
 from exactflow.flow import Flow
 from exactflow.train import Recipe, batches, evaluate_nll, fit
@@ -889,6 +889,23 @@ CHANGES = {
     "unknown model": ("cannot be built", "transformer"),
     "not a checkpoint": ("not an exactflow checkpoint",),
 }
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("dim", [2, 3])
+def test_every_model_saves_and_loads(tmp_path: Path, name: str, dim: int) -> None:
+    torch.manual_seed(0)
+    flow = models.build(name, dim)
+    standardizer = Standardizer(mean=np.zeros(dim), std=np.ones(dim))
+    path = tmp_path / "model.pt"
+    checkpoint.save(path, flow, {"name": name, "dim": dim, "options": {}}, standardizer)
+
+    loaded, _, _ = checkpoint.load(path)
+
+    for (key, mine), (_, theirs) in zip(
+        loaded.state_dict().items(), flow.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, theirs), key
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,9 @@ class RationalQuadraticCoupling(Bijection):
         self.min_height = min_height
         self.min_derivative = min_derivative
         self.register_buffer("mask", mask)
-        self.register_buffer("transformed", torch.nonzero(mask == 0).squeeze(-1), persistent=False)
+        # The coordinates off the mask, from the parity (not from the mask's values).
+        transformed = torch.arange(1 - parity, dim, 2)
+        self.register_buffer("transformed", transformed, persistent=False)
         self.net = mlp(dim, hidden, len(self.transformed) * (3 * bins - 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
