@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -442,6 +443,7 @@ def test_samples_write_through_a_link_and_into_a_pipe(
         (np.linspace(1.0, 2.0, 50) * 1e200, "too large to standardize"),
     ],
 )
+@pytest.mark.filterwarnings("error")  # the refusal is the only thing the user sees
 def test_columns_that_cannot_be_standardized_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], column: np.ndarray, needle: str
 ) -> None:
@@ -854,6 +856,18 @@ def test_hostile_checkpoints_run_no_code(
         code, _, err = _run(capsys, argv)
         _assert_refused(code, err, str(hostile))
         assert not marker.exists(), f"exactflow {argv[0]} ran code from the checkpoint"
+
+
+def test_a_plain_pickle_is_refused_without_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    with path.open("wb") as file:
+        pickle.dump({"standardizer": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}, file, protocol=4)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not an exactflow checkpoint"):
+            checkpoint.load(path)
+    assert not caught, f"warnings besides the refusal: {[str(w.message) for w in caught]}"
 
 
 def _edit(payload: dict, change: str) -> dict:

@@ -213,7 +213,8 @@ def _fit_standardizer(rows: np.ndarray) -> Standardizer:
         DataError: naming the columns that are constant (up to the rounding of their mean),
             too large for float64 arithmetic, or spread too narrowly to divide by.
     """
-    standardizer = Standardizer.fit(rows)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, by name
+        standardizer = Standardizer.fit(rows)
     mean, std = standardizer.mean, standardizer.std
 
     def named(mask: np.ndarray) -> str:
