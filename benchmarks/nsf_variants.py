@@ -6,9 +6,13 @@ and the README report), and scores the held-out rows after every epoch. Prints, 
 seed, the held-out NLL of the epoch the recipe keeps (the lowest training NLL), the lowest
 held-out NLL of any epoch (which no honest selection can reach, since it looks at the test
 rows), the training NLL and the entropy floor. The ``average`` variant also keeps an
-exponential moving average of the weights (decay 0.999 per step) and is scored on it.
+exponential moving average of the weights (decay 0.999 per step) and is scored on it; the
+``noise`` variant adds fresh Gaussian noise to every training batch (noise regularization);
+the ``mixture`` variant trains five NSFs from different initializations and orders on the same
+rows, 1,000 epochs in all (the reference recipe's length), and is scored as their equal
+mixture, the mean of their densities.
 
-    .venv/bin/python benchmarks/nsf_variants.py                  # ~8 min on 2 cores
+    .venv/bin/python benchmarks/nsf_variants.py                  # ~20 min on 2 cores
     .venv/bin/python benchmarks/nsf_variants.py --epochs 2 --seeds 100 --jobs 1   # smoke run
 """
 
@@ -18,7 +22,7 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import reference
@@ -31,21 +35,37 @@ from exactflow.train import RECIPES, Trainer, evaluate_nll
 
 AVERAGE_DECAY = 0.999
 
-#: Each variant: builder options of ``nsf`` and changes to the short recipe.
-VARIANTS: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
-    "short recipe": ({}, {}),
-    "average": ({}, {}),
-    "16 bins": ({"bins": 16}, {}),
-    "10 blocks": ({"blocks": 10}, {}),
-    "hidden 128": ({"hidden": 128}, {}),
-    "lr 5e-4": ({}, {"lr": 5e-4}),
-    "batch 128": ({}, {"batch_size": 128}),
+
+@dataclass(frozen=True)
+class Variant:
+    """Builder options of ``nsf``, changes to the short recipe, and how training differs."""
+
+    options: dict[str, int] = field(default_factory=dict)
+    changes: dict[str, Any] = field(default_factory=dict)
+    average: bool = False
+    noise: float = 0.0
+    members: int = 1
+
+
+VARIANTS: dict[str, Variant] = {
+    "short recipe": Variant(),
+    "average": Variant(average=True),
+    "16 bins": Variant(options={"bins": 16}),
+    "4 bins": Variant(options={"bins": 4}),
+    "10 blocks": Variant(options={"blocks": 10}),
+    "4 blocks": Variant(options={"blocks": 4}),
+    "hidden 128": Variant(options={"hidden": 128}),
+    "lr 5e-4": Variant(changes={"lr": 5e-4}),
+    "batch 128": Variant(changes={"batch_size": 128}),
+    "weight decay 0.1": Variant(changes={"weight_decay": 0.1}),
+    "noise 0.03": Variant(noise=0.03),
+    "mixture of 5": Variant(members=5),
 }
 
 
 @dataclass(frozen=True)
 class Result:
-    """One variant on one seed."""
+    """One variant on one seed; a mixture's member ``member`` until the members are joined."""
 
     variant: str
     seed: int
@@ -55,6 +75,9 @@ class Result:
     lowest_nll: float
     train_nll: float
     entropy: float
+    member: int = 0
+    held_out: torch.Tensor | None = None
+    training: torch.Tensor | None = None
 
 
 class AveragingTrainer(Trainer):
@@ -79,15 +102,28 @@ class AveragingTrainer(Trainer):
             self.average.copy_(current)
 
 
-def train(variant: str, seed: int, epochs: int) -> Result:
-    """Train one variant on one seed, scoring the held-out rows after every epoch."""
-    options, changes = VARIANTS[variant]
-    recipe = dataclasses.replace(RECIPES["short"], epochs=epochs, **changes)
+class NoisyTrainer(Trainer):
+    """A trainer that adds fresh Gaussian noise of standard deviation ``noise`` to each batch."""
+
+    noise = 0.0
+
+    def step(self, batch: torch.Tensor) -> float:
+        """Take the step on the batch plus noise."""
+        return super().step(batch + self.noise * torch.randn_like(batch))
+
+
+def train(name: str, seed: int, epochs: int, member: int = 0) -> Result:
+    """Train one variant (or one member of a mixture) on one seed, scoring every epoch."""
+    variant = VARIANTS[name]
+    recipe = dataclasses.replace(RECIPES["short"], epochs=epochs, **variant.changes)
     split = load_split("circles", seed)
-    torch.manual_seed(seed)
-    flow = build("nsf", 2, **options)
-    kind = AveragingTrainer if variant == "average" else Trainer
-    trainer = kind(flow, split.train, recipe, seed=seed)
+    run_seed = seed + 1000 * member
+    torch.manual_seed(run_seed)
+    flow = build("nsf", 2, **variant.options)
+    kind = AveragingTrainer if variant.average else NoisyTrainer if variant.noise else Trainer
+    trainer = kind(flow, split.train, recipe, seed=run_seed)
+    if isinstance(trainer, NoisyTrainer):
+        trainer.noise = variant.noise
     test = torch.as_tensor(split.test, dtype=torch.float32)
 
     kept, lowest, train_nll = (0, math.inf), (0, math.inf), math.inf
@@ -104,8 +140,37 @@ def train(variant: str, seed: int, epochs: int) -> Result:
         lowest = min(lowest, (epoch, held_out), key=lambda pair: pair[1])
 
     entropy, _ = truth.entropy("circles", split.standardizer.mean, split.standardizer.std)
+    if variant.members == 1:
+        return Result(name, seed, *kept, *lowest, train_nll, entropy)
+    trainer.best_flow()
 
-    return Result(variant, seed, *kept, *lowest, train_nll, entropy)
+    return Result(
+        name,
+        seed,
+        *kept,
+        *lowest,
+        train_nll,
+        entropy,
+        member,
+        held_out=-evaluate_nll(flow, test).double(),
+        training=-evaluate_nll(flow, trainer.data).double(),
+    )
+
+
+def join_members(members: Sequence[Result]) -> Result:
+    """Score the equal mixture of the members' densities on the held-out and training rows."""
+
+    def nll(log_densities: list[torch.Tensor]) -> float:
+        stacked = torch.stack(log_densities)
+        mixture = torch.logsumexp(stacked, 0) - math.log(len(log_densities))
+
+        return -mixture.mean().item()
+
+    first = members[0]
+    held_out = nll([m.held_out for m in members if m.held_out is not None])
+    training = nll([m.training for m in members if m.training is not None])
+
+    return Result(first.variant, first.seed, 0, held_out, 0, math.nan, training, first.entropy)
 
 
 def table(results: Sequence[Result], epochs: int) -> str:
@@ -118,18 +183,20 @@ def table(results: Sequence[Result], epochs: int) -> str:
     for variant in VARIANTS:
         group = [r for r in results if r.variant == variant]
         for r in group:
+            lowest = "—" if math.isnan(r.lowest_nll) else f"{r.lowest_nll:.4f} ({r.lowest_epoch})"
             lines.append(
-                f"| {variant} | {r.seed} | {r.kept_nll:.4f} | {r.lowest_nll:.4f} "
-                f"({r.lowest_epoch}) | {r.train_nll:.4f} | {r.entropy:.4f} |"
+                f"| {variant} | {r.seed} | {r.kept_nll:.4f} | {lowest} "
+                f"| {r.train_nll:.4f} | {r.entropy:.4f} |"
             )
         if len(group) > 1:
             kept = sum(r.kept_nll for r in group) / len(group)
             gap = kept - sum(r.entropy for r in group) / len(group)
             lines.append(f"| {variant} | mean | {kept:.4f} (gap {gap:+.4f}) | | | |")
     note = (
-        f"Two Circles, nats per point, standardized coordinates; {epochs} epochs of the short "
+        f"Two Circles, nats per point, standardized coordinates; {epochs} epoch(s) of the short "
         "recipe unless the variant changes it. The kept epoch is the one with the lowest "
-        "training NLL, as the recipe keeps it."
+        "training NLL, as the recipe keeps it; a mixture keeps each member's and has no "
+        "single epoch."
     )
 
     return "\n".join([*lines, "", note])
@@ -149,10 +216,20 @@ def main() -> None:
     if args.epochs < 1 or args.jobs < 1 or min(seeds) < 0:
         parser.error("--epochs and --jobs must be at least 1, and seeds at least 0")
 
-    tasks = [(variant, seed, args.epochs) for variant in VARIANTS for seed in seeds]
-    results = reference.train_in_processes(
+    tasks = [
+        (name, seed, args.epochs, member)
+        for name, variant in VARIANTS.items()
+        for seed in seeds
+        for member in range(variant.members)
+    ]
+    trained = reference.train_in_processes(
         train, tasks, args.jobs, lambda r: f"{r.variant} seed {r.seed}: {r.kept_nll:.4f}"
     )
+    results = []
+    for name, variant in VARIANTS.items():
+        for seed in seeds:
+            group = [r for r in trained if (r.variant, r.seed) == (name, seed)]
+            results.append(group[0] if variant.members == 1 else join_members(group))
     print(table(results, args.epochs))
 
 

@@ -77,5 +77,5 @@ def test_kde_baseline_prints_both_datasets() -> None:
 def test_nsf_variants_smoke_run_prints_every_variant() -> None:
     out = _run("nsf_variants.py", "--epochs", "1", "--seeds", "100", "--jobs", "1")
 
-    for variant in ("short recipe", "average", "16 bins", "hidden 128", "batch 128"):
+    for variant in ("short recipe", "average", "16 bins", "noise 0.03", "mixture of 5"):
         assert f"| {variant} | 100 | " in out, out
