@@ -326,8 +326,10 @@ def test_score_writes_log_density_and_outlier_flags(
     assert code == 0, f"score failed: {err}"
     header, table = _read_csv(path)
 
-    assert header == ["log_density", "is_outlier"], f"unexpected columns {header}"
-    assert table.shape == (ROWS, 2), "one row of scores per data row"
+    assert header == ["row", "log_density", "is_outlier"], f"unexpected columns {header}"
+    assert table.shape == (ROWS, 3), "one row of scores per data row"
+    np.testing.assert_array_equal(table[:, 0], np.arange(1, ROWS + 1))
+    table = table[:, 1:]
     np.testing.assert_allclose(
         table[:, 0], -_independent_nll(trained["model"], trained["rows"]), atol=1e-4
     )

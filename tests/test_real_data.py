@@ -69,7 +69,7 @@ def test_wine_train_evaluate_sample_score_plot(wine_csv: Path, tmp_path: Path, c
     argv = ["score", str(out / "model.pt"), "--data", str(wine_csv), "--out", str(scores)]
     assert cli.main(argv) == 0
     table = np.loadtxt(scores, delimiter=",", skiprows=1)
-    assert table.shape == (178, 2) and np.isfinite(table[:, 0]).all()
+    assert table.shape == (178, 3) and np.isfinite(table[:, 1]).all()
 
     assert (out / "pairwise.png").is_file(), "train did not draw the pairwise plot"
     assert (out / "report.html").is_file()

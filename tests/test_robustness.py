@@ -419,6 +419,10 @@ def test_samples_write_through_a_link_and_into_a_pipe(
     link = tmp_path / "link.csv"
     link.symlink_to(target)
     code, _, err = _run(capsys, ["sample", trained["model"], "-n", "3", "--out", link])
+    _assert_refused(code, err, str(link), "exists", "--force")
+    assert target.read_text() == "old\n", "a refused sample wrote over the file"
+    argv = ["sample", trained["model"], "-n", "3", "--out", link, "--force"]
+    code, _, err = _run(capsys, argv)
     assert code == 0, err
     assert link.is_symlink(), "the link was replaced by a file"
     assert target.read_text().splitlines()[0] == "a,b", "the file behind the link was not written"
@@ -471,7 +475,9 @@ def test_rows_beyond_the_model_range_are_refused_or_dropped(
     code, _, err = _run(capsys, argv)
     assert code == 0, err
     table = np.loadtxt(scores, delimiter=",", skiprows=1)
-    assert table.shape == (9, 2) and np.isfinite(table).all(), "a far row was scored"
+    assert table.shape == (9, 3) and np.isfinite(table).all(), "a far row was scored"
+    assert 5 not in table[:, 0], "the far row (data row 5) was scored"
+    np.testing.assert_array_equal(table[:, 0], [1, 2, 3, 4, 6, 7, 8, 9, 10])
 
 
 def test_evaluate_json_is_standard_json_for_an_infinite_nll(
@@ -1266,3 +1272,172 @@ def test_training_with_saturated_scale_nets_stays_finite() -> None:
     assert all(torch.isfinite(p).all() for p in flow.parameters()), "weights became non-finite"
     log_p = -evaluate_nll(flow, torch.as_tensor(x, dtype=torch.float32))
     assert torch.isfinite(log_p).all(), "log-densities must stay finite"
+
+
+def test_samples_to_standard_output_are_the_rows_alone(trained: dict) -> None:
+    argv = ["sample", str(trained["model"]), "-n", "3", "--out", "/dev/stdout"]
+    done = subprocess.run(
+        [sys.executable, "-m", "exactflow.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "a,b" and lines[-1] == "", f"unexpected output {done.stdout!r}"
+    assert len(lines) == 5 and all(len(line.split(",")) == 2 for line in lines[1:4])
+    assert np.isfinite([[float(c) for c in line.split(",")] for line in lines[1:4]]).all()
+    assert "wrote 3 samples" in done.stderr, "the status line belongs on standard error"
+
+
+@pytest.mark.parametrize("name", ["s.npz", "s.txt", "s.parquet"])
+def test_outputs_of_an_unknown_kind_are_refused(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    for argv in (
+        ["sample", trained["model"], "-n", "3", "--out", tmp_path / name],
+        ["score", trained["model"], "--data", trained["data"], "--out", tmp_path / name],
+    ):
+        code, _, err = _run(capsys, argv)
+        _assert_refused(code, err, name, ".csv or .npy")
+    assert list(tmp_path.iterdir()) == [], "a refused command wrote a file"
+
+
+def test_existing_files_are_replaced_only_with_force(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    history = trained["model"].parent / "metrics.csv"
+    kept = tmp_path / "metrics.csv"
+    kept.write_bytes(history.read_bytes())
+    argv = ["score", trained["model"], "--data", trained["data"], "--out", kept]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, str(kept), "exists", "--force")
+    assert kept.read_bytes() == history.read_bytes(), "the existing file changed"
+
+    code, _, err = _run(capsys, [*argv, "--force"])
+    assert code == 0, err
+    assert kept.read_text().splitlines()[0] == "row,log_density,is_outlier"
+
+
+def test_a_nested_output_under_a_file_is_refused_by_name(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = Path(trained["data"]) / "x.csv"
+    code, _, err = _run(capsys, ["sample", trained["model"], "-n", "3", "--out", out])
+    _assert_refused(code, err, str(trained["data"]), "is a file, not a folder")
+
+
+def test_samples_beyond_the_model_range_are_refused(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.csv"
+    argv = ["sample", trained["model"], "-n", "5", "--out", out, "--temperature", "1e308"]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, "not finite", "--temperature")
+    assert not out.exists(), "non-finite samples were written"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_figures(monkeypatch)
+    rows = _raw_rows(60)
+    marked = tmp_path / "excel.csv"
+    marked.write_bytes(
+        b"\xef\xbb\xbf" + _write_csv(tmp_path / "plain.csv", rows, ["a", "b"]).read_bytes()
+    )
+    argv = ["train", "--data", marked, "--out", tmp_path / "run", "--epochs", "1", "--no-progress"]
+    code, _, err = _run(capsys, argv)
+    assert code == 0, err
+    _, _, payload = checkpoint.load(tmp_path / "run" / "model.pt")
+    assert workflow.column_names(payload) == ["a", "b"]
+
+    code, _, err = _run(
+        capsys, ["evaluate", tmp_path / "run" / "model.pt", "--data", tmp_path / "plain.csv"]
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"), [(["a", "a"], "repeats 'a'"), (["a", ""], "has an empty name")]
+)
+def test_training_columns_need_names_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], header: list[str], needle: str
+) -> None:
+    data = _write_csv(tmp_path / "rows.csv", _raw_rows(60), header)
+    argv = ["train", "--data", data, "--out", tmp_path / "run", "--epochs", "1"]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, str(data), needle)
+    assert not (tmp_path / "run").exists(), "a refused run wrote its folder"
+
+
+def test_data_that_is_not_a_regular_file_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "rows.csv"
+    folder.mkdir()
+    code, _, err = _run(capsys, ["train", "--data", folder, "--out", tmp_path / "run"])
+    _assert_refused(code, err, str(folder), "not a regular file")
+
+
+def test_training_into_an_earlier_run_needs_force_and_clears_its_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_csv(tmp_path / "rows.csv", _raw_rows(60), ["a", "b"])
+    run = tmp_path / "run"
+    argv = ["train", "--data", data, "--out", run, "--epochs", "1", "--no-progress"]
+    assert _run(capsys, argv)[0] == 0
+    model = (run / "model.pt").read_bytes()
+    stale = run / "pairwise.png"  # a figure this 2-D run does not draw
+    stale.write_bytes(b"old figure")
+    mine = run / "notes.txt"
+    mine.write_text("the user's own file\n")
+
+    code, _, err = _run(capsys, [*argv, "--seed", "1"])
+    _assert_refused(code, err, str(run), "earlier run", "model.pt", "--force")
+    assert (run / "model.pt").read_bytes() == model, "a refused run replaced the model"
+
+    code, _, err = _run(capsys, [*argv, "--seed", "1", "--force"])
+    assert code == 0, err
+    assert (run / "model.pt").read_bytes() != model, "--force did not replace the run"
+    assert not stale.exists(), "a figure of the earlier run was left beside the new one"
+    assert "pairwise.png" not in (run / "report.html").read_text()
+    assert mine.read_text() == "the user's own file\n", "a file of the user's was touched"
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ("batch-size = 64\nbatch_size = 32\n", "given twice"),
+        ("columns = []\n", "empty list"),
+    ],
+)
+def test_conflicting_or_empty_config_options_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, needle: str
+) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(config)
+    argv = ["train", "--config", path, "--dataset", "moons", "--out", tmp_path / "run"]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, str(path), needle)
+
+
+def test_quick_and_seeds_together_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["reproduce", "--quick", "--seeds", "3", "--out", tmp_path / "r"]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, "--quick", "--seeds")
+    assert not (tmp_path / "r").exists()
+
+
+def test_damaged_run_files_are_named(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(trained["model"].read_bytes())
+    (run / "metrics.csv").write_text("x,y\n1,2\n")
+    code, _, err = _run(capsys, ["plot", run / "model.pt"])
+    _assert_refused(code, err, str(run / "metrics.csv"), "damaged")
+
+    (run / "summary.json").write_text("{bad")
+    code, _, err = _run(capsys, ["report", run])
+    _assert_refused(code, err, str(run / "summary.json"), "JSON")

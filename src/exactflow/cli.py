@@ -182,6 +182,9 @@ def _parser() -> _Parser:
     source.add_argument("--dataset", help=f"a built-in dataset: {', '.join(DATASETS)}")
     train.add_argument("--model", help=f"the model: {', '.join(MODELS)} (default: realnvp)")
     train.add_argument("--out", help="the run folder (default: runs/train)")
+    train.add_argument(
+        "--force", action="store_true", help="replace an earlier run in --out (its files only)"
+    )
     train.add_argument("--columns", type=_columns, help="columns to use, by name or number: a,b")
     train.add_argument(
         "--drop-invalid",
@@ -251,19 +254,21 @@ def _parser() -> _Parser:
         help="scale of the base Gaussian, at least 0 (default: %(default)s)",
     )
     sample.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
+    sample.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     score = commands.add_parser(
         "score",
         help="log-density and outlier flag of every row of a data file",
-        description="Write the log-density of every row (in the data's own units) and an "
-        "is_outlier column: 1 where the log-density is below the --quantile of the training "
-        "rows' log-densities.",
+        description="Write, for every row, its number among the file's data rows, its "
+        "log-density (in the data's own units) and an is_outlier column: 1 where the "
+        "log-density is below the --quantile of the training rows' log-densities.",
     )
     _add_scoring_options(score)
-    score.add_argument("--out", type=Path, required=True, help="the CSV file to write")
+    score.add_argument("--out", type=Path, required=True, help="the .csv or .npy file to write")
     score.add_argument(
         "--quantile", type=_float, default=0.01, help="outlier threshold (default: %(default)s)"
     )
+    score.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     plot = commands.add_parser(
         "plot",
@@ -335,6 +340,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     from exactflow.experiments import MODELS as REFERENCE_MODELS
     from exactflow.experiments import reproduce
 
+    if args.quick and args.seeds is not None and args.seeds != 1:
+        raise UsageError(
+            f"exactflow reproduce: --quick runs one seed, --seeds asks for {args.seeds}; drop one"
+        )
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     start = time.perf_counter()
     models = list(dict.fromkeys(args.models or REFERENCE_MODELS))
@@ -398,6 +407,8 @@ def _config(path: Path) -> dict[str, Any]:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"exactflow train: --config {path}: no such config file") from None
+    except OSError as error:
+        raise UsageError(f"exactflow train: --config {path}: {error.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UsageError(
             f"exactflow train: --config {path}: not a valid TOML file ({error})"
@@ -406,6 +417,10 @@ def _config(path: Path) -> dict[str, Any]:
     options = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name in options:
+            raise UsageError(
+                f"exactflow train: --config {path}: option {key!r} is given twice (with - and _)"
+            )
         if name not in TRAIN_OPTIONS:
             raise UsageError(
                 f"exactflow train: --config {path}: unknown option {key!r}; valid options: "
@@ -420,6 +435,11 @@ def _config(path: Path) -> dict[str, Any]:
             raise UsageError(
                 f"exactflow train: --config {path}: option {key!r} must be {KINDS[kind]}, "
                 f"got {value!r}"
+            )
+        if kind is list and not value:
+            raise UsageError(
+                f"exactflow train: --config {path}: option {key!r} is an empty list; leave it "
+                "out to use every column"
             )
         options[name] = value
 
@@ -467,7 +487,7 @@ def _train(args: argparse.Namespace) -> int:
             recipe = Recipe(**{k: options.pop(k, getattr(defaults, k)) for k in RECIPE_OPTIONS})
             options.setdefault("out", "runs/train")
             settings = workflow.TrainSettings(recipe=recipe, **options)
-            summary = workflow.train(settings, progress, requested)
+            summary = workflow.train(settings, progress, requested, args.force)
     except TrainingInterrupted as error:
         print(f"exactflow: training interrupted: {error}", file=sys.stderr)
         return 130
@@ -527,11 +547,13 @@ def _sample(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
     _refuse_to_overwrite("sample", args.out, args.checkpoint)
+    workflow.check_output(args.out, args.force)
     rows = workflow.draw(args.checkpoint, args.n, args.temperature, args.seed)
     names = workflow.column_names(checkpoint.load(args.checkpoint)[2])
     header = names or [f"x{i + 1}" for i in range(rows.shape[1])]
     workflow.write_rows(args.out, rows, header)
-    print(f"wrote {len(rows)} samples × {rows.shape[1]} columns to {args.out}")
+    # On standard error, so that --out /dev/stdout carries the samples alone.
+    print(f"wrote {len(rows)} samples × {rows.shape[1]} columns to {args.out}", file=sys.stderr)
 
     return 0
 
@@ -540,14 +562,19 @@ def _score(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
     _refuse_to_overwrite("score", args.out, args.checkpoint, args.data)
-    log_p, outlier, threshold = workflow.score(
+    workflow.check_output(args.out, args.force)
+    numbers, log_p, outlier, threshold = workflow.score(
         args.checkpoint, args.data, args.quantile, args.columns, args.drop_invalid
     )
-    table = [[float(value), int(flag)] for value, flag in zip(log_p, outlier, strict=True)]
-    workflow.write_rows(args.out, table, ["log_density", "is_outlier"])
+    table = [
+        [int(number), float(value), int(flag)]
+        for number, value, flag in zip(numbers, log_p, outlier, strict=True)
+    ]
+    workflow.write_rows(args.out, table, ["row", "log_density", "is_outlier"])
     print(
         f"scored {len(log_p)} rows: {int(outlier.sum())} below the {args.quantile:g} quantile "
-        f"of the training log-densities ({threshold:.4f}); written to {args.out}"
+        f"of the training log-densities ({threshold:.4f}); written to {args.out}",
+        file=sys.stderr,
     )
 
     return 0
@@ -616,7 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2
-    except (ValueError, OSError) as error:
+    except OSError as error:
+        # The system's words, with the path they are about when there is one.
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"exactflow: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
         print(f"exactflow: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

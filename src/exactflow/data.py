@@ -124,7 +124,7 @@ def csv_header(path: str | Path) -> list[str] | None:
     if path.suffix.lower() != ".csv" or not path.is_file():
         return None
     try:
-        with path.open(newline="", encoding="utf-8") as file:
+        with path.open(newline="", encoding="utf-8-sig") as file:
             first = next((row for row in csv.reader(file) if any(c.strip() for c in row)), None)
     except (UnicodeDecodeError, csv.Error):
         return None
@@ -138,7 +138,7 @@ def _read_csv(path: Path, columns: Sequence[str] | None) -> tuple[np.ndarray, li
     Columns are chosen before any cell is parsed, so unchosen columns may hold text.
     """
     try:
-        with path.open(newline="", encoding="utf-8") as file:
+        with path.open(newline="", encoding="utf-8-sig") as file:
             rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text CSV file (it is not valid UTF-8)") from None
@@ -235,7 +235,7 @@ def read_table(
     columns: Sequence[str | int] | None = None,
     drop_invalid: bool = False,
     min_columns: int = 1,
-) -> tuple[np.ndarray, int, list[str] | None]:
+) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Read a table of numbers of shape ``(n, d)`` from a CSV, ``.npy`` or ``.npz`` file.
 
     Args:
@@ -245,8 +245,9 @@ def read_table(
         min_columns: the fewest columns the caller accepts.
 
     Returns:
-        The float64 table, the number of rows dropped as invalid, and the names of its columns
-        (from a CSV header; ``None`` without one).
+        The float64 table; a mask over the file's data rows, true where the row was kept (all
+        true unless ``drop_invalid`` dropped some); and the names of its columns (from a CSV
+        header; ``None`` without one).
 
     Raises:
         DataError: for a missing, empty, non-numeric or ragged file, a bad column choice, too
@@ -254,8 +255,10 @@ def read_table(
             message gives how many and the first row numbers).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a folder, a device or a pipe); give a file")
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
@@ -287,7 +290,7 @@ def read_table(
     if len(values) == 0:
         raise DataError(f"{path}: no rows left after dropping invalid ones")
 
-    return values, dropped, names
+    return values, ~bad, names
 
 
 def split_rows(

@@ -147,7 +147,8 @@ def loss_curve(epochs: np.ndarray, curves: dict[str, np.ndarray], path: Path) ->
             ax.plot(epochs, values, label=label, linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("NLL (nats per point, standardized)")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax.grid(alpha=0.3)
 
     _save(figure, path)

@@ -90,7 +90,10 @@ def write(folder: str | Path) -> Path:
     if (folder / "results.md").is_file():
         sections.append("<h2>Results</h2>" + _markdown_table((folder / "results.md").read_text()))
     if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{folder / 'summary.json'}: not readable JSON ({error})") from None
         pairs = [(key, str(value)) for key, value in summary.items()]
         sections.append(_pairs_table("Training run (best epoch)", pairs))
     if (folder / "metrics.csv").is_file():

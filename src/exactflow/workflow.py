@@ -38,6 +38,18 @@ RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.csv"
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
+#: The figures :func:`plot` may draw into a run folder.
+FIGURES = ("heatmap.png", "transformation.png", "samples.png", "pairwise.png", "loss.png")
+#: Every file a run of ``train`` writes into its folder.
+RUN_FILES = (
+    MODEL_FILE,
+    RESUME_FILE,
+    METRICS_FILE,
+    SETTINGS_FILE,
+    SUMMARY_FILE,
+    "report.html",
+    *FIGURES,
+)
 BUILTIN_ROWS = 4000
 RESUME_EVERY = 25
 MAX_SAMPLES = 10_000_000
@@ -72,6 +84,8 @@ class TrainSettings:
     dequantize: bool = False
 
     def __post_init__(self) -> None:
+        if not str(self.out).strip():
+            raise ValueError("--out is empty; give the run folder to write")
         if (self.data is None) == (self.dataset is None):
             raise DataError("give exactly one of a data file (--data) or a built-in --dataset")
         if self.model not in MODELS:
@@ -133,13 +147,24 @@ def load_rows(settings: TrainSettings) -> tuple[np.ndarray, int, list[str] | Non
         return generate(settings.dataset, BUILTIN_ROWS, settings.seed), 0, None
 
     min_columns = ONE_DIMENSIONAL.get(settings.model, 2)
-    rows, dropped, names = read_table(
+    rows, kept, names = read_table(
         settings.data, settings.columns, settings.drop_invalid, min_columns
     )
+    if names is not None:
+        # The model keeps the names to pick its columns from later files by; each must be one.
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated or "" in names:
+            problem = (
+                f"repeats {', '.join(map(repr, repeated))}" if repeated else "has an empty name"
+            )
+            raise DataError(
+                f"{settings.data}: the header of the chosen columns {problem}; name each "
+                "column once"
+            )
     if settings.dequantize:
         rows = dequantize(rows, settings.seed)
 
-    return rows, dropped, names
+    return rows, int((~kept).sum()), names
 
 
 def _fingerprint(rows: np.ndarray) -> str:
@@ -263,19 +288,23 @@ def _prepare(settings: TrainSettings) -> _Run:
     )
 
 
-def train(settings: TrainSettings, progress: bool = True, stop: Any = None) -> dict[str, Any]:
+def train(
+    settings: TrainSettings, progress: bool = True, stop: Any = None, force: bool = False
+) -> dict[str, Any]:
     """Train a model on the user's data (or a built-in dataset) and write its run folder.
 
     The folder ``settings.out`` receives ``model.pt`` (the best epoch's weights), ``resume.pt``
     (the full training state, rewritten every 25 epochs, on interruption and at the end),
     ``metrics.csv`` (one row per epoch), ``settings.json`` and ``summary.json`` (the returned
-    summary).
+    summary). A folder that holds files of an earlier run is refused, or with ``force`` has
+    them removed first, so that no figure of the old run is left beside the new one.
 
     Args:
         settings: what to train on and how.
         progress: show a progress bar.
         stop: an optional callable checked after each epoch; when true, training stops with
             :class:`~exactflow.train.TrainingInterrupted` after writing ``resume.pt``.
+        force: replace an earlier run in ``settings.out``.
 
     Returns:
         A summary: best epoch, best NLL, epochs done, parameters, rows and output folder.
@@ -285,7 +314,20 @@ def train(settings: TrainSettings, progress: bool = True, stop: Any = None) -> d
         TrainingDiverged: for a non-finite loss or gradient (``model.pt`` keeps the best so far).
         TrainingInterrupted: when ``stop`` asked for it (``resume.pt`` continues the run).
     """
-    return _execute(_prepare(settings), progress, stop)
+    run = _prepare(settings)
+    out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {settings.out!r} is a file, not a folder; give a run folder")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not force:
+        raise ValueError(
+            f"--out {settings.out!r} holds an earlier run ({', '.join(earlier)}); pass --force "
+            "to replace it, or choose another folder"
+        )
+    for name in earlier:
+        (out / name).unlink()
+
+    return _execute(run, progress, stop)
 
 
 def resume(
@@ -390,8 +432,10 @@ def _checked_rows(
     payload: dict[str, Any],
     columns: list[str | int] | None,
     drop: bool,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Read rows to score with a model: its columns, dequantized as in training.
+
+    Returns the rows and a mask over the file's data rows, true where the row was kept.
 
     When the model knows its column names and the file has a header, the columns are picked
     by name (in the model's order) unless ``columns`` says otherwise; a file that lacks one of
@@ -408,7 +452,7 @@ def _checked_rows(
                     f"trained on columns {', '.join(trained)} (choose others with --columns)"
                 )
             columns = trained
-    rows, dropped, _ = read_table(path, columns, drop)
+    rows, kept, _ = read_table(path, columns, drop)
     if rows.shape[1] != flow.dim:
         expected = f" ({', '.join(trained)})" if trained else ""
         raise DataError(
@@ -431,11 +475,12 @@ def _checked_rows(
                 f"the training rows, past what the model computes in {dtype} (first rows: "
                 f"{first}); pass --drop-invalid to drop them"
             )
-        rows, dropped = rows[~far], dropped + int(far.sum())
+        rows = rows[~far]
+        kept[np.flatnonzero(kept)[far]] = False
         if len(rows) == 0:
             raise DataError(f"{path}: no rows left after dropping invalid ones")
 
-    return rows, dropped
+    return rows, kept
 
 
 def _load_model(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
@@ -478,13 +523,13 @@ def evaluate(
     The NLL is in the data's own units: the standardization's log-det is included.
     """
     flow, standardizer, payload = _load_model(model)
-    rows, dropped = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
+    rows, kept = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
     nll = -log_density(flow, standardizer, rows)
     se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
 
     return {
         "rows": len(nll),
-        "rows_dropped": dropped,
+        "rows_dropped": int((~kept).sum()),
         "nll_mean": float(nll.mean()),
         "nll_median": float(np.median(nll)),
         "nll_se": se,
@@ -505,8 +550,52 @@ def draw(model: str | Path, n: int, temperature: float = 1.0, seed: int = 0) -> 
     z = temperature * torch.randn(n, flow.dim, generator=generator, dtype=reference.dtype)
     with torch.no_grad():
         x, _ = flow.inverse(z)
+    rows = standardizer.inverse(x.double().numpy())
+    bad = int((~np.isfinite(rows).all(axis=1)).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {n} samples at temperature {temperature:g} are not finite (the base "
+            "draws reach past what the model maps); use a smaller --temperature"
+        )
 
-    return standardizer.inverse(x.double().numpy())
+    return rows
+
+
+def _is_special(path: Path) -> bool:
+    """Whether ``path`` is written to directly: a pipe or device, or one under /dev or /proc."""
+    special = path.absolute().parts[1:2] in (("dev",), ("proc",))
+
+    return path.exists() and (special or not path.is_file())
+
+
+def check_output(path: str | Path, force: bool = False) -> None:
+    """Refuse an output file that cannot be written as rows, or that would replace a file.
+
+    Rows go to ``.npy`` or to CSV (a ``.csv`` name, a name without a suffix, or a pipe or device
+    such as ``/dev/stdout``). An existing regular file is replaced only with ``force``.
+
+    Raises:
+        ValueError: naming the path and the problem.
+    """
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError("--out is empty; give a file name to write")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name to write")
+    if _is_special(path):
+        return
+    if path.suffix.lower() not in (".csv", ".npy", ""):
+        raise ValueError(
+            f"--out {str(path)!r}: exactflow writes rows as .csv or .npy, not {path.suffix!r}"
+        )
+    if path.exists() and not force:
+        raise ValueError(
+            f"--out {str(path)!r} exists; pass --force to replace it, or choose another file"
+        )
+    parent = path.resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(path)!r}: {str(existing)!r} is a file, not a folder")
 
 
 def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: list[str]) -> None:
@@ -514,28 +603,22 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
 
     A symbolic link is followed: the file it points to is replaced, the link stays. A path
     that is no regular file (a pipe), or one under ``/dev`` or ``/proc`` (``/dev/stdout``), is
-    written to directly.
-
-    Raises:
-        IsADirectoryError: when ``path`` is a folder.
+    written to directly. Check the path first with :func:`check_output`.
     """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a folder; give a file name to write")
 
     def write(file: Any) -> None:
-        if path.suffix == ".npy":
+        if path.suffix.lower() == ".npy":
             np.save(file, np.asarray(rows, dtype=np.float64))
         else:
             text = io.TextIOWrapper(file, newline="", encoding="utf-8")
-            writer = csv.writer(text)
+            writer = csv.writer(text, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows.tolist() if isinstance(rows, np.ndarray) else rows)
             text.flush()
             text.detach()
 
-    special = path.absolute().parts[1:2] in (("dev",), ("proc",))
-    if path.exists() and (special or not path.is_file()):
+    if _is_special(path):
         with path.open("wb") as file:
             write(file)
         return
@@ -558,14 +641,15 @@ def score(
     quantile: float = 0.01,
     columns: list[str | int] | None = None,
     drop_invalid: bool = False,
-) -> tuple[np.ndarray, np.ndarray, float]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Score every row: its log-density in the data's units and whether it is an outlier.
 
     A row is an outlier when its log-density is below the ``quantile`` of the training rows'
     log-densities.
 
     Returns:
-        The log-densities, the outlier flags and the threshold.
+        The 1-based numbers of the scored data rows in the file (rows dropped as invalid have
+        none), their log-densities, their outlier flags and the threshold.
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
@@ -573,13 +657,13 @@ def score(
     flow, standardizer, payload = _load_model(model)
     if "train_log_density" not in payload:
         raise CheckpointError(f"{str(model)!r} holds no training log-densities to set a threshold")
-    rows, _ = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
+    rows, kept = _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)
     log_p = log_density(flow, standardizer, rows)
     reference = payload["train_log_density"].double().numpy() + standardizer.log_det
     threshold = float(np.quantile(reference, quantile))
 
     # A log-density that is not a number counts as an outlier: nothing vouches for the row.
-    return log_p, ~(log_p >= threshold), threshold
+    return np.flatnonzero(kept) + 1, log_p, ~(log_p >= threshold), threshold
 
 
 def _training_rows(payload: dict[str, Any]) -> np.ndarray | None:
@@ -639,14 +723,17 @@ def plot(
 
     metrics = Path(model).parent / METRICS_FILE
     if metrics.is_file():
-        table = np.genfromtxt(metrics, delimiter=",", names=True)
-        table = np.atleast_1d(table)
+        try:
+            table = np.atleast_1d(np.genfromtxt(metrics, delimiter=",", names=True))
+            curves = {"train (eval mode)": table["train_nll"], "validation": table["val_nll"]}
+            epochs = table["epoch"]
+        except (ValueError, TypeError, IndexError, UnicodeDecodeError):
+            raise DataError(
+                f"{metrics}: damaged; it needs the columns epoch, train_nll and val_nll of a "
+                "run's history (the other figures are written)"
+            ) from None
         path = folder / "loss.png"
-        plotting.loss_curve(
-            table["epoch"],
-            {"train (eval mode)": table["train_nll"], "validation": table["val_nll"]},
-            path,
-        )
+        plotting.loss_curve(epochs, curves, path)
         paths.append(path)
 
     return paths
