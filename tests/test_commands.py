@@ -643,6 +643,9 @@ def _tamper_model(state: dict) -> None:
         (lambda s: s["optimizer"].update(state={}), "for its epochs"),
         (lambda s: s["generator"].random_(0, 256), "generator"),
         (lambda s: s.update(best_nll=math.nan), "best NLL nan"),
+        (lambda s: s["model"]["layers.0.nets.scale.0.0.bias"].fill_(math.nan), "not finite"),
+        (lambda s: s["optimizer"]["state"][0]["exp_avg"].fill_(math.nan), "not finite"),
+        (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].fill_(-1.0), "moment is negative"),
     ],
 )
 def test_a_damaged_training_state_is_refused_and_changes_nothing(tamper, needle: str) -> None:

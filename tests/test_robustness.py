@@ -303,6 +303,8 @@ def test_unknown_model_and_dataset_list_the_valid_ones(
         ("--val-fraction", "1.5", "validation fraction"),
         ("--patience", "0", "at least 1"),
         ("--seed", "abc", "whole number"),
+        ("--epochs", "1_000", "whole number, got '1_000'"),
+        ("--lr", "1_0e-3", "a number, got '1_0e-3'"),
     ],
 )
 def test_bad_training_numbers_are_refused(
@@ -895,6 +897,12 @@ def _edit(payload: dict, change: str) -> dict:
         payload["model"] = {"name": "transformer", "dim": 2, "options": {}}
     elif change == "not a checkpoint":
         payload["format"] = "something-else"
+    elif change == "format version as text":
+        payload["format_version"] = "1"
+    elif change == "whole-number weights":
+        payload["state"] = {k: v.round().long() for k, v in payload["state"].items()}
+    elif change == "a column name too many":
+        payload["info"] = {**payload["info"], "columns": ["a", "b", "c"]}
 
     return payload
 
@@ -908,6 +916,9 @@ CHANGES = {
     "extra weight": ("unexpected weights", "layers.99.gain"),
     "unknown model": ("cannot be built", "transformer"),
     "not a checkpoint": ("not an exactflow checkpoint",),
+    "format version as text": ("format version '1'",),
+    "whole-number weights": ("does not match", "torch.int64 values"),
+    "a column name too many": ("names 3 columns", "dimension 2"),
 }
 
 

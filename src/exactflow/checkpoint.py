@@ -128,7 +128,7 @@ def load(path: str | Path) -> tuple[Flow, Standardizer, dict[str, Any]]:
         )
     if payload["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{str(path)!r} has format version {payload['format_version']}; this exactflow "
+            f"{str(path)!r} has format version {payload['format_version']!r}; this exactflow "
             f"reads version {FORMAT_VERSION}"
         )
 
@@ -186,20 +186,25 @@ def _build(model: Any, state: dict[str, torch.Tensor]) -> Flow:
         if not all(1 <= v <= bound for v in values):
             raise ValueError(f"its dimension and options {values} do not fit its weights")
         with torch.device("meta"):
-            shapes = {k: t.shape for k, t in build(name, dim, **options).state_dict().items()}
+            expected = build(name, dim, **options).state_dict()
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"names a model that cannot be built ({error})") from None
-    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"does not match model {name!r}: missing weights {missing}, unexpected weights "
             f"{unexpected}"
         )
-    for key, shape in shapes.items():
-        if state[key].shape != shape:
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
             raise CheckpointError(
                 f"does not match model {name!r}: size mismatch for {key}: "
-                f"{tuple(state[key].shape)} in the file, {tuple(shape)} in the model"
+                f"{tuple(state[key].shape)} in the file, {tuple(tensor.shape)} in the model"
+            )
+        if state[key].is_floating_point() != tensor.is_floating_point():
+            raise CheckpointError(
+                f"does not match model {name!r}: {key} holds {state[key].dtype} values, the "
+                f"model {tensor.dtype}"
             )
 
     return build(name, dim, **options)
@@ -217,6 +222,9 @@ def _restore(payload: dict[str, Any]) -> tuple[Flow, Standardizer]:
             f"does not match model {model['name']!r}: {str(error).splitlines()[-1]}"
         ) from None
     flow.eval()
+    columns = payload["info"].get("columns")
+    if columns is not None and len(columns) != flow.dim:
+        raise CheckpointError(f"names {len(columns)} columns for a model of dimension {flow.dim}")
 
     try:
         mean = np.asarray(payload["standardizer"]["mean"], dtype=np.float64)

@@ -45,10 +45,7 @@ def _seed(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
 
@@ -57,6 +54,8 @@ def _positive_int(text: str) -> int:
 
 def _float(text: str) -> float:
     try:
+        if "_" in text:  # Python reads 1_000 as 1000; a command line should not
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
@@ -78,6 +77,8 @@ def _columns(text: str) -> list[str]:
 
 def _int(text: str) -> int:
     try:
+        if "_" in text:
+            raise ValueError(text)
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None

@@ -460,6 +460,8 @@ class Trainer:
         for key in ("model", "best_state"):
             if not _same_tensors(state[key], fresh[key]):
                 return f"its {key} does not match the model's tensors"
+            if not all(torch.isfinite(t).all() for t in state[key].values()):
+                return f"its {key} holds values that are not finite"
         if not _same_tensors({"g": state["generator"]}, {"g": fresh["generator"]}):
             return "its random generator state is not one"
         try:
@@ -508,6 +510,11 @@ class Trainer:
                 and moment["step"].numel() == 1
             ):
                 return "its optimizer moments do not match the parameters"
+            if (
+                not all(torch.isfinite(moment[k]).all() for k in like)
+                or (moment["exp_avg_sq"] < 0).any()
+            ):
+                return "its optimizer moments are not finite, or a squared moment is negative"
             step = moment["step"].item()
             if not (1 <= step <= 2**24 and step == int(step)):
                 return f"its optimizer step count {step!r} is not a count of steps"
