@@ -1452,3 +1452,16 @@ def test_damaged_run_files_are_named(
     (run / "summary.json").write_text("{bad")
     code, _, err = _run(capsys, ["report", run])
     _assert_refused(code, err, str(run / "summary.json"), "JSON")
+
+
+def test_system_errors_name_their_path(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "figures"
+    taken.write_text("a file where a folder is asked for\n")
+    code, _, err = _run(capsys, ["plot", trained["model"], "--out", taken])
+    _assert_refused(code, err, f"{taken}: File exists")
+    assert "Errno" not in err
+
+    code, _, err = _run(capsys, ["train", "--config", tmp_path, "--dataset", "moons"])
+    _assert_refused(code, err, f"--config {tmp_path}: Is a directory")
