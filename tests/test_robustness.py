@@ -1298,6 +1298,23 @@ def test_samples_to_standard_output_are_the_rows_alone(trained: dict) -> None:
     assert "wrote 3 samples" in done.stderr, "the status line belongs on standard error"
 
 
+def test_samples_to_redirected_standard_output_keep_the_file(
+    trained: dict, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.txt"
+    log.write_text("kept\n")
+    command = (
+        f'{{ echo before; "{sys.executable}" -m exactflow.cli sample "{trained["model"]}" -n 2 '
+        f'--out /dev/stdout; echo after; }} >> "{log}"'
+    )
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().split("\n")
+    assert lines[:3] == ["kept", "before", "a,b"], f"the file lost lines: {lines}"
+    assert lines[5:] == ["after", ""], f"the samples were overwritten or misplaced: {lines}"
+    assert all(len(line.split(",")) == 2 for line in lines[3:5])
+
+
 @pytest.mark.parametrize("name", ["s.npz", "s.txt", "s.parquet"])
 def test_outputs_of_an_unknown_kind_are_refused(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
@@ -1465,3 +1482,12 @@ def test_system_errors_name_their_path(
 
     code, _, err = _run(capsys, ["train", "--config", tmp_path, "--dataset", "moons"])
     _assert_refused(code, err, f"--config {tmp_path}: Is a directory")
+
+
+def test_one_column_with_a_two_column_model_names_the_models_that_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_csv(tmp_path / "rows.csv", _raw_rows(60)[:, :1], ["a"])
+    argv = ["train", "--data", data, "--out", tmp_path / "run", "--model", "nsf"]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, "1 column(s)", "at least 2", "--model planar or radial")

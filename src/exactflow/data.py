@@ -276,6 +276,7 @@ def read_table(
     if values.shape[1] < min_columns:
         raise DataError(
             f"{path}: {values.shape[1]} column(s), but this model needs at least {min_columns}"
+            + ("; one column trains with --model planar or radial" if values.shape[1] == 1 else "")
         )
 
     bad = ~np.isfinite(values).all(axis=1)

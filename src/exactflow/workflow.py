@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,12 +600,28 @@ def check_output(path: str | Path, force: bool = False) -> None:
         raise ValueError(f"--out {str(path)!r}: {str(existing)!r} is a file, not a folder")
 
 
+def _standard_stream(path: Path) -> Any:
+    """The binary buffer of standard output or error when ``path`` names the same file."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            mine, given = os.fstat(stream.fileno()), os.stat(path)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            continue
+        if (mine.st_dev, mine.st_ino) == (given.st_dev, given.st_ino):
+            stream.flush()
+            return stream.buffer
+
+    return None
+
+
 def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: list[str]) -> None:
     """Write rows to ``.npy`` or CSV (by the file's suffix), replacing the file in one step.
 
     A symbolic link is followed: the file it points to is replaced, the link stays. A path
-    that is no regular file (a pipe), or one under ``/dev`` or ``/proc`` (``/dev/stdout``), is
-    written to directly. Check the path first with :func:`check_output`.
+    that is no regular file (a pipe), or one under ``/dev`` or ``/proc``, is written to
+    directly, appending: ``/dev/stdout`` and ``/dev/stderr`` write through this process's own
+    streams, so that a file they are redirected to (even with ``>>``) keeps what it held and
+    what is written after. Check the path first with :func:`check_output`.
     """
     path = Path(path)
 
@@ -619,7 +637,12 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
             text.detach()
 
     if _is_special(path):
-        with path.open("wb") as file:
+        stream = _standard_stream(path)
+        if stream is not None:
+            write(stream)
+            stream.flush()
+            return
+        with path.open("ab") as file:
             write(file)
         return
 
