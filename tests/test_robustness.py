@@ -1285,8 +1285,9 @@ def test_training_with_saturated_scale_nets_stays_finite() -> None:
     assert torch.isfinite(log_p).all(), "log-densities must stay finite"
 
 
-def test_samples_to_standard_output_are_the_rows_alone(trained: dict) -> None:
-    argv = ["sample", str(trained["model"]), "-n", "3", "--out", "/dev/stdout"]
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_samples_to_standard_output_are_the_rows_alone(trained: dict, out: str) -> None:
+    argv = ["sample", str(trained["model"]), "-n", "3", "--out", out]
     done = subprocess.run(
         [sys.executable, "-m", "exactflow.cli", *argv], capture_output=True, text=True, timeout=120
     )

@@ -247,7 +247,12 @@ def _parser() -> _Parser:
     )
     sample.add_argument("checkpoint", type=Path, help="a model.pt written by train")
     sample.add_argument("-n", type=_positive_int, required=True, help="how many samples")
-    sample.add_argument("--out", type=Path, required=True, help="the .csv or .npy file to write")
+    sample.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the .csv or .npy file to write (- for standard output)",
+    )
     sample.add_argument(
         "--temperature",
         type=_float,
@@ -265,7 +270,12 @@ def _parser() -> _Parser:
         "log-density is below the --quantile of the training rows' log-densities.",
     )
     _add_scoring_options(score)
-    score.add_argument("--out", type=Path, required=True, help="the .csv or .npy file to write")
+    score.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the .csv or .npy file to write (- for standard output)",
+    )
     score.add_argument(
         "--quantile", type=_float, default=0.01, help="outlier threshold (default: %(default)s)"
     )

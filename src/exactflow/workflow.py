@@ -573,12 +573,15 @@ def _is_special(path: Path) -> bool:
 def check_output(path: str | Path, force: bool = False) -> None:
     """Refuse an output file that cannot be written as rows, or that would replace a file.
 
-    Rows go to ``.npy`` or to CSV (a ``.csv`` name, a name without a suffix, or a pipe or device
-    such as ``/dev/stdout``). An existing regular file is replaced only with ``force``.
+    Rows go to ``.npy`` or to CSV (a ``.csv`` name, a name without a suffix, ``-`` for standard
+    output, or a pipe or device such as ``/dev/stdout``). An existing regular file is replaced
+    only with ``force``.
 
     Raises:
         ValueError: naming the path and the problem.
     """
+    if str(path) == "-":
+        return
     path = Path(path)
     if str(path) in ("", "."):
         raise ValueError("--out is empty; give a file name to write")
@@ -621,8 +624,10 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
     that is no regular file (a pipe), or one under ``/dev`` or ``/proc``, is written to
     directly, appending: ``/dev/stdout`` and ``/dev/stderr`` write through this process's own
     streams, so that a file they are redirected to (even with ``>>``) keeps what it held and
-    what is written after. Check the path first with :func:`check_output`.
+    what is written after; ``-`` is standard output. Check the path first with
+    :func:`check_output`.
     """
+    standard = sys.stdout.buffer if str(path) == "-" else None
     path = Path(path)
 
     def write(file: Any) -> None:
@@ -636,8 +641,8 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
             text.flush()
             text.detach()
 
-    if _is_special(path):
-        stream = _standard_stream(path)
+    if standard is not None or _is_special(path):
+        stream = standard or _standard_stream(path)
         if stream is not None:
             write(stream)
             stream.flush()
