@@ -414,28 +414,24 @@ KINDS = {
 
 def _config(path: Path) -> dict[str, Any]:
     """Read train options from a TOML file, checking names and types."""
+    where = f"exactflow train: --config {path}"
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"exactflow train: --config {path}: no such config file") from None
+        raise UsageError(f"{where}: no such config file") from None
     except OSError as error:
-        raise UsageError(f"exactflow train: --config {path}: {error.strerror}") from None
+        raise UsageError(f"{where}: {error.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(
-            f"exactflow train: --config {path}: not a valid TOML file ({error})"
-        ) from None
+        raise UsageError(f"{where}: not a valid TOML file ({error})") from None
 
     options = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name in options:
-            raise UsageError(
-                f"exactflow train: --config {path}: option {key!r} is given twice (with - and _)"
-            )
+            raise UsageError(f"{where}: option {key!r} is given twice (with - and _)")
         if name not in TRAIN_OPTIONS:
             raise UsageError(
-                f"exactflow train: --config {path}: unknown option {key!r}; valid options: "
-                f"{', '.join(TRAIN_OPTIONS)}"
+                f"{where}: unknown option {key!r}; valid options: {', '.join(TRAIN_OPTIONS)}"
             )
         kind = TRAIN_OPTIONS[name]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -443,14 +439,10 @@ def _config(path: Path) -> dict[str, Any]:
         if kind is list and isinstance(value, list):
             value = [str(v) for v in value]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise UsageError(
-                f"exactflow train: --config {path}: option {key!r} must be {KINDS[kind]}, "
-                f"got {value!r}"
-            )
+            raise UsageError(f"{where}: option {key!r} must be {KINDS[kind]}, got {value!r}")
         if kind is list and not value:
             raise UsageError(
-                f"exactflow train: --config {path}: option {key!r} is an empty list; leave it "
-                "out to use every column"
+                f"{where}: option {key!r} is an empty list; leave it out to use every column"
             )
         options[name] = value
 

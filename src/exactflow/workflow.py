@@ -33,6 +33,7 @@ from exactflow.distribution import FlowDistribution
 from exactflow.evaluation import Grid, grid_log_prob
 from exactflow.flow import Flow
 from exactflow.models import MODELS, build, count_parameters
+from exactflow.report import REPORT_FILE
 from exactflow.train import Recipe, Trainer, TrainingDiverged, TrainingInterrupted, evaluate_nll
 
 MODEL_FILE = "model.pt"
@@ -41,7 +42,13 @@ METRICS_FILE = "metrics.csv"
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 #: The figures :func:`plot` may draw into a run folder.
-FIGURES = ("heatmap.png", "transformation.png", "samples.png", "pairwise.png", "loss.png")
+FIGURES = HEATMAP_FILE, TRANSFORMATION_FILE, SAMPLES_FILE, PAIRWISE_FILE, LOSS_FILE = (
+    "heatmap.png",
+    "transformation.png",
+    "samples.png",
+    "pairwise.png",
+    "loss.png",
+)
 #: Every file a run of ``train`` writes into its folder.
 RUN_FILES = (
     MODEL_FILE,
@@ -49,7 +56,7 @@ RUN_FILES = (
     METRICS_FILE,
     SETTINGS_FILE,
     SUMMARY_FILE,
-    "report.html",
+    REPORT_FILE,
     *FIGURES,
 )
 BUILTIN_ROWS = 4000
@@ -627,7 +634,7 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
     what is written after; ``-`` is standard output. Check the path first with
     :func:`check_output`.
     """
-    standard = sys.stdout.buffer if str(path) == "-" else None
+    to_stdout = str(path) == "-"
     path = Path(path)
 
     def write(file: Any) -> None:
@@ -641,14 +648,14 @@ def write_rows(path: str | Path, rows: np.ndarray | list[list[Any]], header: lis
             text.flush()
             text.detach()
 
-    if standard is not None or _is_special(path):
-        stream = standard or _standard_stream(path)
-        if stream is not None:
+    if to_stdout or _is_special(path):
+        stream = sys.stdout.buffer if to_stdout else _standard_stream(path)
+        if stream is None:
+            with path.open("ab") as file:
+                write(file)
+        else:
             write(stream)
             stream.flush()
-            return
-        with path.open("ab") as file:
-            write(file)
         return
 
     target = path.resolve()
@@ -732,20 +739,20 @@ def plot(
         scaled = standardizer.transform(rows) if rows is not None else flow.sample(2000).numpy()
         grid = Grid.covering(scaled, 300)
         log_p = grid_log_prob(flow, grid)
-        path = folder / "heatmap.png"
+        path = folder / HEATMAP_FILE
         plotting.heatmaps([("model", [("log p (standardized units)", log_p)])], [grid], path)
         paths.append(path)
-        path = folder / "transformation.png"
+        path = folder / TRANSFORMATION_FILE
         plotting.transformation(flow, path, "base → data, layer by layer")
         paths.append(path)
         panels = [("model samples", standardizer.transform(samples))]
         if rows is not None:
             panels.insert(0, ("data", scaled[:2000]))
-        path = folder / "samples.png"
+        path = folder / SAMPLES_FILE
         plotting.samples(panels, len(panels), path)
         paths.append(path)
     else:
-        path = folder / "pairwise.png"
+        path = folder / PAIRWISE_FILE
         plotting.pairwise(samples, None if rows is None else rows[:2000], path)
         paths.append(path)
 
@@ -760,7 +767,7 @@ def plot(
                 f"{metrics}: damaged; it needs the columns epoch, train_nll and val_nll of a "
                 "run's history (the other figures are written)"
             ) from None
-        path = folder / "loss.png"
+        path = folder / LOSS_FILE
         plotting.loss_curve(epochs, curves, path)
         paths.append(path)
 
