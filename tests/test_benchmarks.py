@@ -77,5 +77,6 @@ def test_kde_baseline_prints_both_datasets() -> None:
 def test_nsf_variants_smoke_run_prints_every_variant() -> None:
     out = _run("nsf_variants.py", "--epochs", "1", "--seeds", "100", "--jobs", "1")
 
-    for variant in ("short recipe", "average", "16 bins", "noise 0.03", "mixture of 5"):
+    variants = ("short recipe", "average", "16 bins", "noise 0.03", "dropout 0.1", "GELU")
+    for variant in (*variants, "mixture of 5", "40,000 rows, 1/10 the epochs"):
         assert f"| {variant} | 100 | " in out, out
