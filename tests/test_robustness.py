@@ -121,10 +121,11 @@ def _data_command(command: str, data: Path, trained: dict, tmp_path: Path) -> li
         "train": ["train", "--data", data, "--out", tmp_path / "run"],
         "evaluate": ["evaluate", trained["model"], "--data", data],
         "score": ["score", trained["model"], "--data", data, "--out", tmp_path / "s.csv"],
+        "plot": ["plot", trained["model"], "--data", data, "--out", tmp_path / "figures"],
     }[command]
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "score"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "score", "plot"])
 def test_rows_with_nan_or_inf_are_refused_with_count_and_rows(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
@@ -148,6 +149,35 @@ def test_drop_invalid_drops_the_rows_and_says_how_many(
     code, _, err = _run(capsys, argv)
     assert code == 0, f"score --drop-invalid failed: {err}"
     assert len(scores.read_text().splitlines()) == 1 + 17, "score must keep the 17 valid rows"
+
+    figures = tmp_path / "figures"
+    argv = ["plot", trained["model"], "--data", data, "--out", figures, "--drop-invalid"]
+    code, _, err = _run(capsys, argv)
+    assert code == 0, f"plot --drop-invalid failed: {err}"
+    assert (figures / "samples.png").is_file(), "plot --drop-invalid must draw the figures"
+
+
+def test_plot_reads_the_columns_it_is_given(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = np.column_stack([_raw_rows(40, seed=3), np.zeros(40)])
+    data = _write_csv(tmp_path / "three.csv", rows, ["a", "b", "c"])
+    argv = ["plot", trained["model"], "--data", data, "--out", tmp_path / "figures"]
+
+    code, _, err = _run(capsys, [*argv, "--columns", "a"])
+    _assert_refused(code, err, "1 column(s)", "trained on 2")
+    code, _, err = _run(capsys, [*argv, "--columns", "b,c"])
+    assert code == 0, f"plot --columns b,c failed: {err}"
+
+
+def test_plot_row_options_need_data(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["plot", trained["model"], "--columns", "a,b", "--out", tmp_path / "figures"]
+    code, _, err = _run(capsys, argv)
+
+    _assert_refused(code, err, "--columns and --drop-invalid need --data")
+    assert not (tmp_path / "figures").exists(), "a refused plot must write nothing"
 
 
 def test_train_drop_invalid_says_how_many(

@@ -84,14 +84,19 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the commands that read a data file with a trained model."""
-    parser.add_argument("checkpoint", type=Path, help="a model.pt written by train")
-    parser.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+def _add_row_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose which columns and rows of a data file a trained model reads."""
     parser.add_argument(
         "--columns", type=_columns, help="columns to use: a,b (default: the model's, by name)"
     )
     parser.add_argument("--drop-invalid", action="store_true", help="drop NaN/inf rows")
+
+
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that read a data file with a trained model."""
+    parser.add_argument("checkpoint", type=Path, help="a model.pt written by train")
+    parser.add_argument("--data", required=True, help="a CSV, .npy or .npz file of rows")
+    _add_row_options(parser)
 
 
 def _add_run_options(parser: argparse.ArgumentParser, recipe: str) -> None:
@@ -290,6 +295,7 @@ def _parser() -> _Parser:
     plot.add_argument("checkpoint", type=Path, help="a model.pt written by train")
     plot.add_argument("--out", type=Path, help="folder for the figures (default: beside it)")
     plot.add_argument("--data", help="data to draw beside the samples (default: training rows)")
+    _add_row_options(plot)
 
     report = commands.add_parser(
         "report",
@@ -586,7 +592,9 @@ def _score(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from exactflow import workflow
 
-    paths = workflow.plot(args.checkpoint, args.out, args.data)
+    if args.data is None and (args.columns is not None or args.drop_invalid):
+        raise UsageError("exactflow plot: --columns and --drop-invalid need --data")
+    paths = workflow.plot(args.checkpoint, args.out, args.data, args.columns, args.drop_invalid)
     print("wrote " + ", ".join(str(p) for p in paths))
 
     return 0

@@ -715,20 +715,25 @@ def _training_rows(payload: dict[str, Any]) -> np.ndarray | None:
 
 
 def plot(
-    model: str | Path, out: str | Path | None = None, data: str | Path | None = None
+    model: str | Path,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    columns: list[str | int] | None = None,
+    drop_invalid: bool = False,
 ) -> list[Path]:
     """Draw a trained model's figures; return their paths.
 
     2-D models get a log-density heatmap, the layer-by-layer transformation and samples beside
     the data; higher dimensions get pairwise plots of samples against data. The data are
-    ``data`` when given, else the rows the model was trained on when they can be read. The loss
-    curve is drawn when the checkpoint's folder has ``metrics.csv``.
+    ``data`` when given (its ``columns``, the model's by default; rows with NaN or infinity
+    refused unless ``drop_invalid``), else the rows the model was trained on when they can be
+    read. The loss curve is drawn when the checkpoint's folder has ``metrics.csv``.
     """
     flow, standardizer, payload = _load_model(model)
     folder = Path(out) if out is not None else Path(model).parent
     folder.mkdir(parents=True, exist_ok=True)
     rows = (
-        _checked_rows(data, flow, standardizer, payload, None, True)[0]
+        _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)[0]
         if data is not None
         else _training_rows(payload)
     )
