@@ -170,6 +170,70 @@ def test_plot_reads_the_columns_it_is_given(
     assert code == 0, f"plot --columns b,c failed: {err}"
 
 
+def test_plot_keeps_the_runs_figures_and_replaces_others_only_when_forced(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(trained["model"].read_bytes())
+    code, _, err = _run(capsys, ["plot", run / "model.pt"])
+    assert code == 0, f"plot into the run's own folder failed: {err}"
+    own = {path.name: path.read_bytes() for path in run.glob("*.png")}
+
+    code, _, err = _run(capsys, ["plot", run / "model.pt", "--data", trained["data"]])
+    _assert_refused(code, err, "holds the run's own figures", "--out")
+    assert {path.name: path.read_bytes() for path in run.glob("*.png")} == own
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "heatmap.png").write_text("the user's own file\n")
+    argv = ["plot", run / "model.pt", "--data", trained["data"], "--out", figures]
+    code, _, err = _run(capsys, argv)
+    _assert_refused(code, err, str(figures / "heatmap.png"), "--force")
+    assert (figures / "heatmap.png").read_text() == "the user's own file\n"
+
+    code, _, err = _run(capsys, [*argv, "--force"])
+    assert code == 0, f"plot --force failed: {err}"
+    assert (figures / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refused_plot_makes_no_folder(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _invalid_rows_csv(tmp_path / "bad.csv")
+    out = tmp_path / "new" / "figures"
+    code, _, err = _run(capsys, ["plot", trained["model"], "--data", data, "--out", out])
+
+    _assert_refused(code, err, "--drop-invalid")
+    assert not (tmp_path / "new").exists(), "a refused plot left a folder behind"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "score", "plot"])
+def test_columns_are_matched_by_name_not_reordered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, trained: dict
+) -> None:
+    rows = np.column_stack([_raw_rows(40, seed=4), _raw_rows(40, seed=5)[:, 0]])
+    shuffled = _write_csv(tmp_path / "cols.csv", rows, ["b", "a", "c"])
+    argv = _data_command(command, shuffled, trained, tmp_path)
+
+    code, _, err = _run(capsys, [*argv, "--columns", "b,a"])
+    _assert_refused(code, err, "--columns b,a", "another order", "a,b")
+
+    doubled = _write_csv(tmp_path / "doubled.csv", rows, ["a", "a", "b"])
+    code, _, err = _run(capsys, _data_command(command, doubled, trained, tmp_path))
+    _assert_refused(code, err, "'a' more than once", "by number")
+
+
+def test_names_for_a_file_without_a_header_say_so(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_csv(tmp_path / "bare.csv", _raw_rows(40, seed=6))
+    argv = ["evaluate", trained["model"], "--data", data, "--columns", "a,b"]
+    code, _, err = _run(capsys, argv)
+
+    _assert_refused(code, err, "no column named 'a'", "no header", "by number")
+
+
 def test_plot_row_options_need_data(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -233,7 +297,7 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "score"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "score", "plot"])
 @pytest.mark.parametrize("name", list(BAD_FILES))
 def test_unreadable_data_files_are_refused(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, command: str
@@ -248,6 +312,7 @@ def test_unreadable_data_files_are_refused(
     code, _, err = _run(capsys, argv)
 
     _assert_refused(code, err, needle)
+    assert "allow_pickle" not in err, "the message must not suggest loading pickles"
 
 
 @pytest.mark.parametrize("command", ["evaluate", "score"])
@@ -1493,9 +1558,10 @@ def test_damaged_run_files_are_named(
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(trained["model"].read_bytes())
-    (run / "metrics.csv").write_text("x,y\n1,2\n")
-    code, _, err = _run(capsys, ["plot", run / "model.pt"])
-    _assert_refused(code, err, str(run / "metrics.csv"), "damaged")
+    for damaged in ("x,y\n1,2\n", "", "epoch,train_nll,val_nll\n"):
+        (run / "metrics.csv").write_text(damaged)
+        code, _, err = _run(capsys, ["plot", run / "model.pt"])
+        _assert_refused(code, err, str(run / "metrics.csv"), "damaged")
 
     (run / "summary.json").write_text("{bad")
     code, _, err = _run(capsys, ["report", run])

@@ -296,6 +296,7 @@ def _parser() -> _Parser:
     plot.add_argument("--out", type=Path, help="folder for the figures (default: beside it)")
     plot.add_argument("--data", help="data to draw beside the samples (default: training rows)")
     _add_row_options(plot)
+    plot.add_argument("--force", action="store_true", help="replace figures in --out")
 
     report = commands.add_parser(
         "report",
@@ -594,7 +595,9 @@ def _plot(args: argparse.Namespace) -> int:
 
     if args.data is None and (args.columns is not None or args.drop_invalid):
         raise UsageError("exactflow plot: --columns and --drop-invalid need --data")
-    paths = workflow.plot(args.checkpoint, args.out, args.data, args.columns, args.drop_invalid)
+    paths = workflow.plot(
+        args.checkpoint, args.out, args.data, args.columns, args.drop_invalid, args.force
+    )
     print("wrote " + ", ".join(str(p) for p in paths))
 
     return 0

@@ -195,6 +195,10 @@ def _read_numpy(path: Path) -> np.ndarray:
         # A damaged header can fail numpy's parser in many ways (ValueError, EOFError,
         # TypeError, IndexError, tokenize errors, zip errors): each means an unreadable file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "pickle" in message:
+            # numpy takes any file that is not an array for pickled objects, and its messages
+            # point to loading them unsafely, which exactflow never does.
+            message = "it holds no array of numbers, and pickled objects are never loaded"
         raise DataError(f"{path}: not a readable {path.suffix} file ({message})") from None
 
     if not isinstance(array, np.ndarray):
@@ -212,12 +216,21 @@ def _column_indices(
     chosen = []
     for column in columns:
         if names is not None and column in names:
+            if names.count(column) > 1:
+                raise DataError(
+                    f"{path}: the header names {column!r} more than once; choose that column "
+                    "by number"
+                )
             chosen.append(names.index(column))
             continue
         try:
             number = int(column)
         except ValueError:
-            valid = f"; its columns are {', '.join(names)}" if names else ""
+            valid = (
+                f"; its columns are {', '.join(names)}"
+                if names
+                else "; the file has no header, so choose columns by number"
+            )
             raise DataError(f"{path}: no column named {column!r}{valid}") from None
         if not 1 <= number <= width:
             raise DataError(

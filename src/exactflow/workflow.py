@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,12 @@ def _checked_rows(
     them is refused rather than scored on the wrong columns.
     """
     trained = column_names(payload)
+    named = [str(column) for column in columns or []]
+    if trained is not None and sorted(named) == sorted(trained) and named != trained:
+        raise DataError(
+            f"{path}: --columns {','.join(named)} names the model's columns in another order; "
+            f"it reads them as {','.join(trained)}"
+        )
     if columns is None and trained is not None:
         header = csv_header(path)
         if header is not None:
@@ -720,6 +727,7 @@ def plot(
     data: str | Path | None = None,
     columns: list[str | int] | None = None,
     drop_invalid: bool = False,
+    force: bool = False,
 ) -> list[Path]:
     """Draw a trained model's figures; return their paths.
 
@@ -728,15 +736,28 @@ def plot(
     ``data`` when given (its ``columns``, the model's by default; rows with NaN or infinity
     refused unless ``drop_invalid``), else the rows the model was trained on when they can be
     read. The loss curve is drawn when the checkpoint's folder has ``metrics.csv``.
+
+    The figures go to ``out``, by default the checkpoint's folder, where they replace the run's
+    own. Figures of other ``data`` are refused there (the run's report would show them as the
+    run's); in any other folder an existing figure is replaced only with ``force``.
     """
     flow, standardizer, payload = _load_model(model)
     folder = Path(out) if out is not None else Path(model).parent
-    folder.mkdir(parents=True, exist_ok=True)
+    own = folder.resolve() == Path(model).resolve().parent
+    if own and data is not None:
+        raise DataError(
+            f"{folder}: holds the run's own figures; draw the figures of other data into "
+            "another folder with --out"
+        )
+    taken = [name for name in FIGURES if (folder / name).exists()]
+    if taken and not own and not force:
+        raise DataError(f"{folder / taken[0]}: exists; pass --force to replace it")
     rows = (
         _checked_rows(data, flow, standardizer, payload, columns, drop_invalid)[0]
         if data is not None
         else _training_rows(payload)
     )
+    folder.mkdir(parents=True, exist_ok=True)
     samples = draw(model, 2000)
     paths = []
 
@@ -764,9 +785,14 @@ def plot(
     metrics = Path(model).parent / METRICS_FILE
     if metrics.is_file():
         try:
-            table = np.atleast_1d(np.genfromtxt(metrics, delimiter=",", names=True))
+            with warnings.catch_warnings():
+                # An empty file is damaged like any other; numpy would also warn of it.
+                warnings.simplefilter("ignore")
+                table = np.atleast_1d(np.genfromtxt(metrics, delimiter=",", names=True))
             curves = {"train (eval mode)": table["train_nll"], "validation": table["val_nll"]}
             epochs = table["epoch"]
+            if len(epochs) == 0:
+                raise ValueError("no epochs")
         except (ValueError, TypeError, IndexError, UnicodeDecodeError):
             raise DataError(
                 f"{metrics}: damaged; it needs the columns epoch, train_nll and val_nll of a "
