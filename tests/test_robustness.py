@@ -557,6 +557,18 @@ def test_columns_that_cannot_be_standardized_are_refused(
     assert not (tmp_path / "run" / "model.pt").exists(), "a refused run wrote a model"
 
 
+@pytest.mark.filterwarnings("error")  # the refusal is the only thing the user sees
+def test_rows_that_overflow_when_standardized_are_refused_without_warnings(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _raw_rows(10, seed=3)
+    rows[2] = [1.79e308, -1.79e308]  # x - mean and (x - mean) / std overflow float64
+    data = _write_csv(tmp_path / "edge.csv", rows, ["a", "b"])
+    code, _, err = _run(capsys, ["evaluate", trained["model"], "--data", data])
+
+    _assert_refused(code, err, "1 row(s) lie beyond", "first rows: 3")
+
+
 def test_rows_beyond_the_model_range_are_refused_or_dropped(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

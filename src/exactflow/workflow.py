@@ -482,7 +482,8 @@ def _checked_rows(
     # compute; they are refused (or dropped) as rows with infinity are.
     dtype = next(flow.parameters()).dtype
     limit = torch.finfo(dtype).max ** 0.5
-    far = ~(np.abs(standardizer.transform(rows)) < limit).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is a row beyond the limit
+        far = ~(np.abs(standardizer.transform(rows)) < limit).all(axis=1)
     if far.any():
         if not drop:
             first = ", ".join(str(i + 1) for i in np.flatnonzero(far)[:5])
