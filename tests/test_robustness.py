@@ -170,12 +170,18 @@ def test_plot_reads_the_columns_it_is_given(
     assert code == 0, f"plot --columns b,c failed: {err}"
 
 
+def _model_alone(trained: dict, folder: Path) -> Path:
+    """A run folder holding a copy of the trained model and nothing else."""
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(trained["model"].read_bytes())
+
+    return folder
+
+
 def test_plot_keeps_the_runs_figures_and_replaces_others_only_when_forced(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.pt").write_bytes(trained["model"].read_bytes())
+    run = _model_alone(trained, tmp_path / "run")
     code, _, err = _run(capsys, ["plot", run / "model.pt"])
     assert code == 0, f"plot into the run's own folder failed: {err}"
     own = {path.name: path.read_bytes() for path in run.glob("*.png")}
@@ -1567,9 +1573,7 @@ def test_quick_and_seeds_together_are_refused(
 def test_damaged_run_files_are_named(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.pt").write_bytes(trained["model"].read_bytes())
+    run = _model_alone(trained, tmp_path / "run")
     for damaged in ("x,y\n1,2\n", "", "epoch,train_nll,val_nll\n"):
         (run / "metrics.csv").write_text(damaged)
         code, _, err = _run(capsys, ["plot", run / "model.pt"])
